@@ -1,0 +1,56 @@
+"""TrainConfig: defaults, YAML round-trip, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainable.config import ConfigError, TrainConfig
+
+
+def test_defaults_are_the_tutorials_hyperparameters():
+    c = TrainConfig()
+    assert (c.lr, c.batch_size, c.epochs, c.optimizer, c.momentum, c.seed, c.hidden) == (1e-3, 64, 10, "sgd", 0.0, 42, [512, 512])
+
+
+def test_yaml_round_trip(tmp_path):
+    config = TrainConfig(lr=0.05, batch_size=128, epochs=7, optimizer="nesterov", momentum=0.9, weight_decay=5e-4, seed=3, precision="fp32", hidden=[256, 128, 64], data="synthetic")
+    path = tmp_path / "c.yaml"
+    config.save(path, header="best trial: abc\nchallenge met")
+    assert path.read_text().startswith("# best trial: abc\n# challenge met\n")
+    assert TrainConfig.load(path) == config
+
+
+def test_partial_yaml_keeps_the_other_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nepochs: 3\n")
+    assert TrainConfig.load(path) == TrainConfig(lr=0.1, epochs=3)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate: 0.1\n", r"learning_rate: unknown key"),
+        ("lr: fast\n", r"lr: expected a number, got 'fast'"),
+        ("batch_size: 64.5\n", r"batch_size: expected an integer"),
+        ("epochs: true\n", r"epochs: expected an integer"),
+        ("hidden: 512\n", r"hidden: expected a list"),
+        ("optimizer: rmsprop\n", r"optimizer: must be one of"),
+        ("lr: -1\n", r"lr: must be > 0"),
+        ("optimizer: nesterov\n", r"momentum: nesterov needs momentum > 0"),
+        ("lr: [1\n", r"not valid YAML"),
+        ("- 1\n- 2\n", r"must be a mapping"),
+    ],
+)
+def test_bad_yaml_names_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        TrainConfig.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = TrainConfig(data="imgs", data_root="data").resolved_paths()
+    assert c.data == str(tmp_path / "imgs") and c.data_root == str(tmp_path / "data")
+    assert TrainConfig(data="synthetic").resolved_paths().data == "synthetic"

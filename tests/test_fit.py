@@ -1,0 +1,104 @@
+"""Training one configuration: learning, shuffling, reproducibility, divergence, resume, precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainable.config import TrainConfig
+from trainable.data import make_synthetic
+from trainable.fit import METRICS, Trainer, autocast_dtype, fit
+from trainable.loops import train_epoch
+from trainable.model import build_model
+
+TIMING = ("epoch_seconds", "samples_per_second")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(seed=0)
+
+
+def without_timing(history):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in history]
+
+
+def test_model_is_the_tutorials_mlp():
+    model = build_model((3, 32, 32), 10)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(512, 3072), (512,), (512, 512), (512,), (10, 512), (10,)]
+    assert build_model((1, 8, 8), 4, hidden=[16])(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_loss_falls_and_every_metric_is_reported(data):
+    history = list(fit(TrainConfig(optimizer="adam", lr=1e-3, epochs=6, data="synthetic"), data))
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
+    assert all(tuple(m) == METRICS for m in history)
+    losses = [m["train_loss"] for m in history]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.8 * losses[0]
+    assert history[-1]["test_accuracy"] > 0.5  # chance is 0.1
+    assert all(m["samples_per_second"] > 0 and m["epoch_seconds"] > 0 for m in history)
+
+
+def test_shuffling_differs_between_epochs_but_is_seeded(data):
+    def visit_order(seed: int, epoch_generator_seed: int) -> list[int]:
+        # one sample per batch: the order in which labels are visited is the shuffle
+        torch.manual_seed(0)
+        model = build_model((3, 32, 32), 10, [4])
+        seen: list[int] = []
+        model.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].sum().item())))
+        images = torch.arange(8, dtype=torch.uint8).repeat_interleave(3 * 32 * 32).reshape(8, 3, 32, 32)
+        train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), images, torch.zeros(8, dtype=torch.int64), batch_size=1, generator=torch.Generator().manual_seed(epoch_generator_seed))
+        return seen
+
+    from trainable.fit import epoch_seed
+
+    e1, e2 = visit_order(42, epoch_seed(42, 1)), visit_order(42, epoch_seed(42, 2))
+    assert sorted(e1) == sorted(e2) and e1 != e2  # every sample once, in a new order
+    assert visit_order(42, epoch_seed(42, 1)) == e1  # same seed and epoch: same order
+    assert visit_order(7, epoch_seed(7, 1)) != e1
+
+
+def test_same_config_gives_identical_metrics(data):
+    config = TrainConfig(optimizer="nesterov", momentum=0.9, lr=0.01, epochs=3, data="synthetic")
+    assert without_timing(fit(config, data)) == without_timing(fit(config, data))
+    other_seed = without_timing(fit(config.with_updates(seed=1), data))
+    assert other_seed != without_timing(fit(config, data))
+
+
+def test_diverging_lr_ends_the_run_as_diverged(data):
+    history = list(fit(TrainConfig(lr=1e4, momentum=0.9, epochs=5, data="synthetic"), data))
+    assert history[-1]["diverged"] is True
+    assert len(history) < 5  # stopped, not run on with NaN weights
+    assert history[-1]["challenge_met"] is False and history[-1]["challenge_score"] == -1.0
+
+
+def test_resume_from_state_continues_exactly(data):
+    config = TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, epochs=4, data="synthetic")
+    straight = without_timing(fit(config, data))
+    first = Trainer(config, data)
+    for _ in range(2):
+        first.run_epoch()
+    state = first.state_dict()
+    resumed = Trainer(config.with_updates(seed=config.seed), data)
+    resumed.load_state_dict(state)
+    rest = list(resumed.run())
+    assert [m["epoch"] for m in rest] == [3, 4]
+    assert without_timing(resumed.history) == straight
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("mps")) is None
+
+
+def test_bf16_follows_the_fp32_loss_curve(data):
+    config = TrainConfig(optimizer="nesterov", momentum=0.9, lr=0.01, epochs=6, data="synthetic")
+    fp32 = list(fit(config.with_updates(precision="fp32"), data))
+    bf16 = list(fit(config.with_updates(precision="bf16"), data))
+    assert fp32[-1]["train_loss"] < 0.7 * fp32[0]["train_loss"]  # a curve that goes somewhere
+    for a, b in zip(fp32, bf16):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.08 * a["train_loss"]
+    assert abs(fp32[-1]["test_accuracy"] - bf16[-1]["test_accuracy"]) < 0.05

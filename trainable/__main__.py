@@ -1,0 +1,111 @@
+"""python -m trainable: train ONE configuration without Ray, one line per epoch.
+
+    python -m trainable --tutorial --data data/cifar10-jpeg        # the tutorial's run
+    python -m trainable --config results/<name>/best_config.yaml   # re-train a search's winner
+    python -m trainable --lr 0.01 --batch-size 128 --epochs 15 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trainable import challenge
+from trainable.cli import OneLineParser, dumps, fail, non_negative_int, positive_int
+from trainable.config import OPTIMIZERS, PRECISIONS, ConfigError, TrainConfig
+from trainable.data import DataError, load_dataset
+from trainable.fit import Trainer, select_device
+
+PROG = "python -m trainable"
+# flag dest -> TrainConfig field, for the flags that override one field each
+HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "seed", "hidden")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Train one configuration of the tutorial's MLP (no Ray).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="YAML", help="start from this configuration (e.g. a search's best_config.yaml)")
+    src.add_argument("--tutorial", action="store_true", help="exactly the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42)")
+    h = p.add_argument_group("hyperparameters (override --config; the default is the tutorial's)")
+    h.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    h.add_argument("--batch-size", type=positive_int, help="images per step (default 64)")
+    h.add_argument("--epochs", type=positive_int, help="passes over the training set (default 10)")
+    h.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
+    h.add_argument("--momentum", type=float, help="SGD/Nesterov momentum (default 0)")
+    h.add_argument("--weight-decay", type=float, help="default 0")
+    h.add_argument("--seed", type=int, help="weight init and shuffling (default 42)")
+    h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH", help="hidden layer widths (default 512 512)")
+    r = p.add_argument_group("data and hardware")
+    r.add_argument("--data", help="cifar10 (default), synthetic, or an image folder with train/<class>/ and test/<class>/")
+    r.add_argument("--data-root", help="where cifar10 is found or downloaded (default ./data)")
+    r.add_argument("--cache-dir", help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    r.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 where the hardware runs it fast, else fp32")
+    r.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
+    r.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    o = p.add_argument_group("output")
+    o.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
+    o.add_argument("--json", action="store_true", help="print one JSON object per epoch instead of text")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in HYPERPARAMETER_FLAGS if getattr(args, k) is not None}
+    if args.tutorial and overrides:
+        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+        raise ConfigError(f"--tutorial runs the tutorial's hyperparameters exactly; drop {flags}")
+    for key in ("data", "data_root", "precision"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    return base.with_updates(**overrides).resolved_paths()
+
+
+def format_epoch(m: dict[str, Any], epochs: int) -> str:
+    line = (
+        f"Epoch {m['epoch']:>3}/{epochs}  train_loss {m['train_loss']:.4f}  train_accuracy {100 * m['train_accuracy']:5.1f}%  "
+        f"test_loss {m['test_loss']:.4f}  test_accuracy {100 * m['test_accuracy']:5.1f}%  "
+        f"[{m['epoch_seconds']:.1f} s, {m['samples_per_second']:,.0f} samples/s]"
+    )
+    return line + ("  DIVERGED" if m["diverged"] else "")
+
+
+def format_verdict(m: dict[str, Any], window: int) -> str:
+    if m["diverged"]:
+        return "Challenge: not met (training diverged: the loss became NaN or infinite)"
+    relation = "<" if m["train_below_test"] else ">="
+    falling = "still falling" if m["still_decreasing"] else f"not falling in each of the last {window} epochs"
+    crossing = f", below since epoch {m['crossing_epoch']}" if m["crossing_epoch"] is not None else ""
+    met = "met" if m["challenge_met"] else "not met"
+    return f"Challenge: {met} (train_loss {m['train_loss']:.4f} {relation} test_loss {m['test_loss']:.4f}{crossing}; train loss {falling})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        device = select_device(args.device)
+    except (ConfigError, RuntimeError) as exc:
+        return fail(PROG, str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        data = load_dataset(config.data, config.data_root, cache_dir=args.cache_dir)
+    except DataError as exc:
+        return fail(PROG, str(exc))
+    trainer = Trainer(config, data, device=device, challenge_window=args.challenge_window)
+    if not args.json:
+        print(f"{data!r} on {device} ({trainer.precision}); {config.to_dict()}")
+    last: dict[str, Any] | None = None
+    for last in trainer.run():
+        print(dumps(last) if args.json else format_epoch(last, config.epochs), flush=True)
+    if last is not None and not args.json:
+        print(format_verdict(last, args.challenge_window))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""TrainConfig: everything that decides how ONE configuration trains, and its YAML form.
+
+The defaults are the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42,
+two hidden layers of 512), so `TrainConfig()` *is* the tutorial's run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainable.fileio import atomic_write_text
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16")
+DATA_SOURCES = ("cifar10", "synthetic")  # anything else is a path to an image folder
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; the message names the offending key."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3  # learning rate per step (not scaled with batch size)
+    batch_size: int = 64  # images per optimizer step
+    epochs: int = 10  # full passes over the training split
+    optimizer: str = "sgd"  # sgd | nesterov (SGD with Nesterov momentum) | adam | adamw
+    momentum: float = 0.0  # SGD/Nesterov momentum; ignored by adam/adamw
+    weight_decay: float = 0.0  # L2 (sgd, nesterov, adam) or decoupled (adamw) decay
+    seed: int = 42  # weight init and the per-epoch shuffles
+    precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast, else fp32
+    hidden: list[int] = field(default_factory=lambda: [512, 512])  # widths of the hidden layers
+    data: str = "cifar10"  # cifar10 | synthetic | path to an image folder with train/ and test/
+    data_root: str = "data"  # where cifar10 is looked for and downloaded to
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.optimizer == "nesterov" and self.momentum == 0:
+            raise ConfigError("momentum: nesterov needs momentum > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.hidden or any(w < 1 for w in self.hidden):
+            raise ConfigError(f"hidden: must be a non-empty list of positive widths, got {self.hidden}")
+        if not self.data:
+            raise ConfigError("data: must not be empty")
+
+    # --- dict / YAML -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
+        """Build a config from `values` over `base` (the tutorial's defaults when None).
+
+        Unknown keys and wrong types raise ConfigError naming the key.
+        """
+        if not isinstance(values, dict):
+            raise ConfigError(f"a configuration must be a mapping of keys to values, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        merged = (base or cls()).to_dict()
+        for key, value in values.items():
+            if key not in hints:
+                known = ", ".join(hints)
+                raise ConfigError(f"{key}: unknown key (known keys: {known})")
+            merged[key] = _coerce(key, value, hints[key])
+        return cls(**merged)
+
+    def with_updates(self, **values: Any) -> TrainConfig:
+        return TrainConfig.from_dict(values, base=self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike[str], header: str = "") -> None:
+        """Write the config as YAML (atomically); `header` lines become YAML comments."""
+        comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+        atomic_write_text(path, comment + self.to_yaml())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        if values is None:
+            values = {}
+        try:
+            return cls.from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def resolved_paths(self) -> TrainConfig:
+        """The same config with data paths made absolute (Ray moves workers between folders)."""
+        updates: dict[str, Any] = {"data_root": str(Path(self.data_root).expanduser().resolve())}
+        if self.data not in DATA_SOURCES:
+            updates["data"] = str(Path(self.data).expanduser().resolve())
+        return self.with_updates(**updates)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item_type,) = set(typing.get_args(hint)) or {Any}
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(key, v, item_type) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise NotImplementedError(key)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise NotImplementedError(f"{key}: {hint}")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}" if mark is not None else problem

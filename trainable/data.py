@@ -1,0 +1,277 @@
+"""Load a data set ONCE into memory: uint8 images (N, C, H, W), int64 labels, class names.
+
+Every source ends in the same `Dataset`, so the training loop never sees files:
+
+- ``cifar10``   torchvision's CIFAR10 in a data root, downloaded only when missing, under a file
+                lock so concurrent processes never download or extract twice;
+- a folder      ``<path>/train/<class>/*.jpg`` and ``<path>/test/<class>/*.jpg`` (torchvision's
+                ImageFolder layout); decoded once, then cached on disk as arrays;
+- ``synthetic`` a small learnable set generated from a seed, for tests and smoke runs.
+
+Arrays are numpy so Ray can share them zero-copy through its object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from trainable.fileio import atomic_write_bytes
+
+# torchvision's ImageFolder extensions; anything else in a class folder is ignored, as there.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_FORMAT = 1  # bump when the cached arrays change meaning
+
+
+class DataError(RuntimeError):
+    """Data that cannot be loaded; the message names the file or folder and what to do."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train_images: np.ndarray  # uint8 (N, C, H, W)
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray  # uint8 (M, C, H, W)
+    test_labels: np.ndarray  # int64 (M,)
+    classes: tuple[str, ...]
+    source: str  # what was loaded, for messages and reports
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.source}: {len(self.train_labels)} train + {len(self.test_labels)} test, "
+            f"{self.num_classes} classes, images {'x'.join(map(str, self.input_shape))})"
+        )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HPTUNE_CACHE", "~/.cache/hptune")).expanduser()
+
+
+def load_dataset(source: str, data_root: str | os.PathLike[str] = "data", cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """Load `source` (``cifar10``, ``synthetic`` or an image-folder path) into memory."""
+    if source == "cifar10":
+        return load_cifar10(data_root)
+    if source == "synthetic":
+        return make_synthetic()
+    return load_image_folder(source, cache_dir=cache_dir)
+
+
+# --- synthetic -----------------------------------------------------------------------------
+
+
+def make_synthetic(
+    seed: int = 0,
+    n_train: int = 2048,
+    n_test: int = 512,
+    shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+) -> Dataset:
+    """A small learnable set: each class is a fixed random pattern under heavy pixel noise.
+
+    Weak per-pixel signal spread over many pixels: a good configuration learns it, a slow one
+    under-fits for several epochs, and a large MLP over-fits the noise (train loss drops below
+    test loss), which is what the tutorial's challenge is about.
+    """
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(0.0, 1.0, size=(num_classes, *shape))
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, num_classes, size=n)
+        pixels = 128 + 8 * prototypes[labels] + 55 * rng.normal(0.0, 1.0, size=(n, *shape))
+        return np.clip(pixels, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    train_x, train_y = split(n_train)
+    test_x, test_y = split(n_test)
+    classes = tuple(f"class{i}" for i in range(num_classes))
+    return Dataset(train_x, train_y, test_x, test_y, classes, f"synthetic(seed={seed})")
+
+
+# --- CIFAR-10 through torchvision ----------------------------------------------------------
+
+
+def load_cifar10(data_root: str | os.PathLike[str]) -> Dataset:
+    """CIFAR-10 via torchvision.datasets.CIFAR10 in `data_root`, downloading only when missing."""
+    from torchvision.datasets import CIFAR10
+
+    root = Path(data_root).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{root}: cannot create the CIFAR-10 data root ({exc.strerror})") from None
+    # One process downloads and extracts; any other waits here and then finds the files.
+    with FileLock(str(root / ".cifar10.lock")):
+        try:
+            train = CIFAR10(str(root), train=True, download=False)
+        except RuntimeError:  # "Dataset not found or corrupted"
+            train = _download_cifar10(CIFAR10, root)
+        test = CIFAR10(str(root), train=False, download=False)
+    return Dataset(
+        np.ascontiguousarray(train.data.transpose(0, 3, 1, 2)),
+        np.asarray(train.targets, dtype=np.int64),
+        np.ascontiguousarray(test.data.transpose(0, 3, 1, 2)),
+        np.asarray(test.targets, dtype=np.int64),
+        tuple(train.classes),
+        f"cifar10({root})",
+    )
+
+
+def _download_cifar10(cifar10_cls: type, root: Path):  # noqa: ANN202 - torchvision's class
+    try:
+        return cifar10_cls(str(root), train=True, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DataError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({reason}). "
+            f"Put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) in {root}, "
+            "or pass --data PATH to an image folder with train/<class>/ and test/<class>/ "
+            "(for example the extracted cifar10-jpeg archive)."
+        ) from None
+
+
+# --- image folder --------------------------------------------------------------------------
+
+
+def load_image_folder(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """Decode ``path/{train,test}/<class>/<image>`` once; later loads read the cached arrays."""
+    root = Path(path).expanduser().resolve()
+    listing = _list_image_folder(root)
+    key = _listing_key(root, listing)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{cache}: cannot create the cache folder ({exc.strerror})") from None
+    cache_file = cache / f"imagefolder-{key}.npz"
+    # A second process loading the same folder waits for the first to finish decoding.
+    with FileLock(str(cache_file) + ".lock"):
+        if cache_file.exists():
+            try:
+                return _read_cache(cache_file, root)
+            except (OSError, ValueError, KeyError):
+                cache_file.unlink(missing_ok=True)  # damaged: decode again
+        data = _decode_image_folder(root, listing)
+        _write_cache(cache_file, data)
+    return data
+
+
+Listing = dict[str, list[tuple[str, list[os.DirEntry]]]]  # split -> [(class, [image entries])]
+
+
+def _list_image_folder(root: Path) -> Listing:
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (--data expects cifar10, synthetic or an image folder)")
+    listing: Listing = {}
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(
+                f"{root}: no {split}/ folder; an image folder needs train/<class>/<image> and test/<class>/<image>"
+            )
+        class_dirs = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+        if not class_dirs:
+            raise DataError(f"{split_dir}: no class folders")
+        classes = []
+        for class_dir in class_dirs:
+            images = sorted(
+                (e for e in os.scandir(class_dir.path) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)),
+                key=lambda e: e.name,
+            )
+            if not images:
+                raise DataError(f"{class_dir.path}: class folder has no images")
+            classes.append((class_dir.name, images))
+        listing[split] = classes
+    train_classes = [c for c, _ in listing["train"]]
+    test_classes = [c for c, _ in listing["test"]]
+    if train_classes != test_classes:
+        only = sorted(set(train_classes) ^ set(test_classes))
+        raise DataError(f"{root}: train/ and test/ have different class folders ({', '.join(only)})")
+    return listing
+
+
+def _listing_key(root: Path, listing: Listing) -> str:
+    """Identity of the folder's contents: every file's path, size and modification time."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\0{root}".encode())
+    for split, classes in listing.items():
+        for name, entries in classes:
+            for entry in entries:
+                st = entry.stat()
+                digest.update(f"{split}/{name}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for bad files
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def _decode_image_folder(root: Path, listing: Listing) -> Dataset:
+    arrays = {}
+    for split, classes in listing.items():
+        paths = [entry.path for _, entries in classes for entry in entries]
+        labels = np.concatenate([np.full(len(entries), i, dtype=np.int64) for i, (_, entries) in enumerate(classes)])
+        first = _decode(paths[0])
+        images = np.empty((len(paths), 3, *first.shape[:2]), dtype=np.uint8)
+
+        def fill(i: int) -> None:
+            pixels = _decode(paths[i])
+            if pixels.shape != first.shape:
+                raise DataError(
+                    f"{paths[i]}: image is {pixels.shape[1]}x{pixels.shape[0]}, but {paths[0]} is "
+                    f"{first.shape[1]}x{first.shape[0]}; all images must have one size"
+                )
+            images[i] = pixels.transpose(2, 0, 1)
+
+        # PIL releases the GIL while decoding, so threads use every core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(fill, range(len(paths))))
+        arrays[split] = (images, labels)
+    if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
+        raise DataError(f"{root}: train/ and test/ images have different sizes")
+    classes = tuple(name for name, _ in listing["train"])
+    return Dataset(*arrays["train"], *arrays["test"], classes, f"image folder({root})")
+
+
+def _write_cache(cache_file: Path, data: Dataset) -> None:
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        train_images=data.train_images,
+        train_labels=data.train_labels,
+        test_images=data.test_images,
+        test_labels=data.test_labels,
+        classes=np.array(data.classes),
+    )
+    atomic_write_bytes(cache_file, buffer.getvalue())
+
+
+def _read_cache(cache_file: Path, root: Path) -> Dataset:
+    with np.load(cache_file, allow_pickle=False) as npz:
+        return Dataset(
+            npz["train_images"],
+            npz["train_labels"],
+            npz["test_images"],
+            npz["test_labels"],
+            tuple(str(c) for c in npz["classes"]),
+            f"image folder({root})",
+        )

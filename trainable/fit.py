@@ -1,0 +1,187 @@
+"""Train one configuration: fit(config, data) yields one metrics dict per epoch. No Ray here.
+
+Metric names (one name each, used unchanged in the CSV files, plots and README):
+epoch, train_loss, train_accuracy, test_loss, test_accuracy, epoch_seconds, samples_per_second,
+diverged, train_below_test, still_decreasing, challenge_met, crossing_epoch, challenge_score.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainable import challenge
+from trainable.config import TrainConfig
+from trainable.data import Dataset
+from trainable.loops import evaluate, train_epoch
+from trainable.model import build_model
+
+METRICS = (
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "epoch_seconds",
+    "samples_per_second",
+    "diverged",
+    "train_below_test",
+    "still_decreasing",
+    "challenge_met",
+    "crossing_epoch",
+    "challenge_score",
+)
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """cuda -> mps -> cpu, as in the tutorial; or the device named."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Does this device run bf16 matrix multiplies faster than fp32?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # AVX512-BF16 or AMX: native bf16 dot products. Elsewhere bf16 is emulated and slower.
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32."""
+    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if config.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.optimizer == "nesterov",
+            weight_decay=config.weight_decay,
+        )
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle of `epoch` depends only on (seed, epoch), so a resumed run shuffles the same."""
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # Ray's object store hands out read-only arrays; we only ever read them.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        tensor = torch.from_numpy(array)
+    return tensor.to(device) if device.type != "cpu" else tensor
+
+
+class Trainer:
+    """Model, optimizer and device-resident data for one configuration; resumable by state."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: Dataset,
+        *,
+        device: torch.device | str | None = None,
+        challenge_window: int = challenge.DEFAULT_WINDOW,
+    ) -> None:
+        self.config = config
+        self.device = select_device() if device is None else torch.device(device)
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.challenge_window = challenge_window
+        torch.manual_seed(config.seed)
+        self.model = build_model(data.input_shape, data.num_classes, config.hidden).to(self.device)
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        # On a GPU the whole data set moves there once (CIFAR-10: 184 MB as uint8).
+        self.train_images = _to_device(data.train_images, self.device)
+        self.train_labels = _to_device(data.train_labels, self.device)
+        self.test_images = _to_device(data.test_images, self.device)
+        self.test_labels = _to_device(data.test_labels, self.device)
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp_dtype is torch.bfloat16 else "fp32"
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    @property
+    def finished(self) -> bool:
+        return self.epochs_done >= self.config.epochs or bool(self.history and self.history[-1]["diverged"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+
+    def run_epoch(self) -> dict[str, Any]:
+        epoch = self.epochs_done + 1
+        generator = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
+        start = time.perf_counter()
+        train_loss, train_accuracy = train_epoch(
+            self.model,
+            self.optimizer,
+            self.train_images,
+            self.train_labels,
+            batch_size=self.config.batch_size,
+            generator=generator,
+            autocast_dtype=self.amp_dtype,
+        )
+        train_seconds = time.perf_counter() - start
+        test_loss, test_accuracy = evaluate(self.model, self.test_images, self.test_labels, autocast_dtype=self.amp_dtype)
+        seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "epoch_seconds": seconds,  # training and evaluation
+            "samples_per_second": len(self.train_labels) / train_seconds,  # training only
+            "diverged": not (math.isfinite(train_loss) and math.isfinite(test_loss)),
+        }
+        metrics.update(challenge.verdict([*self.history, metrics], self.challenge_window))
+        metrics["challenge_score"] = challenge.challenge_score(metrics)
+        self.history.append(metrics)
+        return metrics
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        """Train the remaining epochs, yielding each epoch's metrics; stops early on divergence."""
+        while not self.finished:
+            yield self.run_epoch()
+
+
+def fit(
+    config: TrainConfig,
+    data: Dataset,
+    *,
+    device: torch.device | str | None = None,
+    challenge_window: int = challenge.DEFAULT_WINDOW,
+) -> Iterator[dict[str, Any]]:
+    """Train `config` on `data` from scratch, yielding one metrics dict per epoch."""
+    yield from Trainer(config, data, device=device, challenge_window=challenge_window).run()

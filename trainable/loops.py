@@ -1,0 +1,91 @@
+"""One training epoch and one evaluation, as plain functions over tensor-resident data.
+
+Images stay uint8 wherever they live (on the GPU, the whole set is moved there once); a batch is
+gathered by index and scaled to [0, 1] on the device, which is what the tutorial's `ToTensor`
+does per image on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# How often the training loop looks at the running loss to stop a diverged run early; each look
+# is a device sync, so not every step.
+DIVERGENCE_CHECK_STEPS = 50
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = images.index_select(0, idx).float().div_(255)  # uint8 -> [0, 1], like ToTensor
+    return x, labels.index_select(0, idx)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """One pass over (images, labels) in an order drawn from `generator`.
+
+    Returns (mean loss over all samples, accuracy). The loss is NaN if training diverged; the
+    epoch then stops at the next check instead of running on with NaN weights.
+    """
+    device = images.device
+    n = labels.shape[0]
+    order = torch.randperm(n, generator=generator).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    model.train()
+    for step, start in enumerate(range(0, n, batch_size), start=1):
+        x, y = _batch(images, labels, order[start : start + batch_size])
+        with autocast(device, autocast_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().float() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        if step % DIVERGENCE_CHECK_STEPS == 0 and not math.isfinite(loss_sum.item()):
+            return math.nan, correct.item() / n
+    return loss_sum.item() / n, correct.item() / n
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Mean loss and accuracy over (images, labels), in order, without gradients."""
+    device = images.device
+    n = labels.shape[0]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    model.eval()
+    for start in range(0, n, batch_size):
+        x = images[start : start + batch_size].float().div_(255)
+        y = labels[start : start + batch_size]
+        with autocast(device, autocast_dtype):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / n, correct.item() / n
