@@ -1,0 +1,121 @@
+"""tuning/search.py end to end: a real local Ray, a real SQLite-backed Optuna study, synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+
+from trainable.config import TrainConfig
+from tuning.journal import Journal
+from tuning.search import main as search
+
+pytestmark = pytest.mark.slow
+
+# Small trials: 2 epochs on synthetic data.
+FAST_SPACE = """
+lr: {low: 1.0e-3, high: 3.0e-2, log: true}
+batch_size: [128, 256]
+epochs: 2
+optimizer: [sgd, nesterov, adamw]
+momentum: {low: 0.5, high: 0.95}
+"""
+
+
+def run(cli, tmp_path, *extra: str, name: str = "exp") -> tuple[int, str, str]:
+    return cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", name, "--num-cpus", "2", *extra])
+
+
+def space_file(tmp_path, text: str = FAST_SPACE):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_search_writes_consistent_outputs(cli, tmp_path):
+    status, out, err = run(cli, tmp_path, "--samples", "4", "--space", space_file(tmp_path), "--no-baseline")
+    assert status == 0, err
+    exp = tmp_path / "results" / "exp"
+    trials = pd.read_csv(exp / "trials.csv")
+    epochs = pd.read_csv(exp / "epochs.csv")
+    assert len(trials) == 4 and trials["trial"].is_unique
+    assert set(trials["status"]) <= {"finished", "early-stopped", "diverged"}
+    # epochs.csv has every epoch of every trial, with the trainable's metric names
+    assert epochs.groupby("trial").size().reindex(trials["trial"]).tolist() == trials["epochs_run"].tolist()
+    assert {"train_loss", "test_loss", "test_accuracy", "samples_per_second", "challenge_met", "objective"} <= set(epochs.columns)
+    last = epochs.sort_values("epoch").groupby("trial").tail(1).set_index("trial")
+    assert (last.loc[trials["trial"], "test_accuracy"].values == trials["test_accuracy"].values).all()
+    # best_config.yaml is the best row's configuration, loadable unchanged by python -m trainable
+    best_row = trials.sort_values("objective", ascending=False).iloc[0]
+    best = TrainConfig.load(exp / "best_config.yaml")
+    assert (best.lr, best.batch_size, best.optimizer) == (best_row["lr"], best_row["batch_size"], best_row["optimizer"])
+    assert best.epochs == 2 and best.data == "synthetic"
+    # the Optuna study in optuna.db saw every trial, with the objective as its value
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{exp / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert sorted(round(t.value, 6) for t in complete) == sorted(round(v, 6) for v in trials["objective"])
+    # the console: one line per trial and a summary naming the files
+    assert sum(line.startswith("[") for line in out.splitlines()) == 4
+    assert "trials.csv" in out and "best_config.yaml" in out
+
+
+def test_custom_space_is_honoured_and_random_sampler_works(cli, tmp_path):
+    space = "lr: {low: 0.01, high: 0.02}\nbatch_size: [256]\nepochs: 2\noptimizer: [adam]\n"
+    status, _, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, space), "--sampler", "random", "--no-baseline")
+    assert status == 0, err
+    trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
+    assert len(trials) == 3
+    assert trials["lr"].between(0.01, 0.02).all() and set(trials["batch_size"]) == {256} and set(trials["optimizer"]) == {"adam"}
+    assert len(set(trials["lr"])) == 3  # sampled, not repeated
+
+
+def test_baseline_runs_first_and_is_marked(cli, tmp_path):
+    space = "lr: {low: 1.0e-4, high: 0.1, log: true}\nbatch_size: [64, 128]\nepochs: 2\n"
+    status, out, err = run(cli, tmp_path, "--samples", "2", "--space", space_file(tmp_path, space))
+    assert status == 0, err
+    trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
+    baseline = trials[trials["baseline"]]
+    assert len(baseline) == 1 and baseline.iloc[0]["number"] == 1
+    assert (baseline.iloc[0]["lr"], baseline.iloc[0]["batch_size"], baseline.iloc[0]["optimizer"]) == (1e-3, 64, "sgd")
+    assert "Baseline  trial  1" in out
+
+
+def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path):
+    # One logical GPU (no CUDA needed): scheduling is what is tested.
+    space = "lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 3\noptimizer: [sgd]\n"
+    status, _, err = cli(
+        search,
+        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu", "--num-cpus", "2", "--num-gpus", "1",
+         "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5", "--samples", "4", "--no-baseline", "--no-early-stop", "--space", space_file(tmp_path, space)],
+    )
+    assert status == 0, err
+    records = Journal(tmp_path / "results" / "gpu").read()
+    starts = {r["trial"]: r["time"] for r in records if r["event"] == "trial"}
+    ends = {r["trial"]: r["time"] for r in records if r["event"] == "end"}
+    assert len(starts) == len(ends) == 4
+    # all four were running at the moment the last of them started
+    assert max(starts.values()) < min(ends.values())
+
+
+def test_finished_experiment_is_not_overwritten(cli, tmp_path):
+    argv = ("--samples", "1", "--space", space_file(tmp_path), "--no-baseline")
+    assert run(cli, tmp_path, *argv)[0] == 0
+    exp = tmp_path / "results" / "exp"
+    before = (exp / "trials.csv").read_text()
+    status, _, err = run(cli, tmp_path, *argv)
+    assert status == 2 and "is a finished experiment; use --restart" in err and len(err.strip().splitlines()) == 1
+    assert (exp / "trials.csv").read_text() == before
+    status, out, err = run(cli, tmp_path, *argv, "--restart")
+    assert status == 0, err
+    kept = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("exp.replaced-")]
+    assert len(kept) == 1 and (kept[0] / "trials.csv").read_text() == before
+
+
+def test_experiment_json_records_the_command(cli, tmp_path):
+    assert run(cli, tmp_path, "--samples", "1", "--space", space_file(tmp_path), "--no-baseline")[0] == 0
+    meta = json.loads((tmp_path / "results" / "exp" / "experiment.json").read_text())
+    assert meta["status"] == "finished" and meta["samples"] == 1
+    assert meta["command"].startswith("python tuning/search.py ") and "--name exp" in meta["command"]

@@ -1,0 +1,118 @@
+"""The driver-side Tune callback: journals every event, prints one line per ended trial, and keeps
+trials.csv / epochs.csv / best_config.yaml current.
+
+Runs in the driver, so it sees results from every node of a cluster. An exception in a Tune
+callback would abort the whole search, so each hook logs its own failure and carries on.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from trainable.config import TrainConfig
+from trainable.ray_trainable import params_key
+from tuning import export as export_mod
+from tuning.console import fmt_params, fmt_result
+from tuning.journal import Journal, trials
+
+
+def _guarded(hook: Callable) -> Callable:
+    @functools.wraps(hook)
+    def wrapper(self: ExperimentCallback, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - never let bookkeeping kill the search
+            print(f"hptune: {hook.__name__} failed (the search goes on):\n{traceback.format_exc()}", file=sys.stderr)
+
+    return wrapper
+
+
+class ExperimentCallback(tune.Callback):
+    def __init__(
+        self,
+        exp_dir: Path,
+        journal: Journal,
+        *,
+        base: TrainConfig,
+        baseline_key: str | None,
+        continues: dict[str, str],
+        samples: int,
+        mode: str,
+        metrics: Sequence[str],
+    ) -> None:
+        self.exp_dir = exp_dir
+        self.journal = journal
+        self.base = base
+        self.baseline_key = baseline_key
+        self.continues = dict(continues)  # params key -> id of the interrupted trial it continues
+        self.samples = samples
+        self.mode = mode
+        self.metrics = tuple(metrics)
+        self.known: set[str] = set()
+
+    @_guarded
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.known:
+            return  # restarted after a failure: same trial, same record
+        self.known.add(trial.trial_id)
+        params = dict(trial.config)
+        key = params_key(params)
+        record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": TrainConfig.from_dict({**self.base.to_dict(), **params}).to_dict()}
+        if key in self.continues:
+            record["continues"] = self.continues.pop(key)
+        elif key == self.baseline_key:
+            record["baseline"] = True
+            self.baseline_key = None
+        self.journal.append("trial", **record)
+
+    @_guarded
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.journal.append("epoch", trial=trial.trial_id, **{k: result.get(k) for k in self.metrics})
+
+    @_guarded
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        epoch = (trial.last_result or {}).get("epoch")
+        self.journal.append("checkpoint", trial=trial.trial_id, epoch=epoch, path=checkpoint.path)
+
+    @_guarded
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.journal.append("end", trial=trial.trial_id, error=None)
+        self._ended(trial.trial_id)
+
+    @_guarded
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.journal.append("end", trial=trial.trial_id, error=_error_message(trial))
+        self._ended(trial.trial_id)
+
+    def _ended(self, trial_id: str) -> None:
+        all_trials = trials(self.journal.read())
+        export_mod.export(self.exp_dir)  # the CSV files stay current while the search runs
+        this = next((t for t in all_trials if t.trial == trial_id or trial_id in t.aliases), None)
+        if this is None:
+            return
+        ended = sum(t.done for t in all_trials)
+        best = export_mod.best_trial(all_trials, self.mode)
+        met = " challenge met" if (this.last or {}).get("challenge_met") else ""
+        best_text = f"best so far: trial {best.number} ({fmt_result(best)})" if best is not None else ""
+        print(
+            f"[{ended:>3}/{self.samples}] trial {this.number:>3}{' (baseline)' if this.baseline else ''}: {fmt_params(this.config)} | "
+            f"{fmt_result(this)} | {this.status}{met} | {best_text}",
+            flush=True,
+        )
+
+
+def _error_message(trial: Any) -> str:
+    """The last line of the trial's traceback (the exception), read from Ray's local error file."""
+    for path in (getattr(trial, "error_file", None),):
+        if path and Path(path).exists():
+            lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+            if lines:
+                return lines[-1].strip()
+    return "the trial failed (no error message recorded)"

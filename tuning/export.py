@@ -1,0 +1,155 @@
+"""trials.csv, epochs.csv and best_config.yaml, from the files in an experiment folder alone.
+
+    python -m tuning.export results/<name>     # rewrite them (the search does this itself)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainable.cli import OneLineParser, fail
+from trainable.config import TrainConfig
+from trainable.fileio import atomic_write_text
+from trainable.fit import METRICS
+from tuning.journal import ERRORED, INTERRUPTED, Journal, TrialRecord, trials
+
+EXPERIMENT = "experiment.json"
+TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
+PARAMS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay")
+FINAL = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_below_test", "still_decreasing", "challenge_met", "crossing_epoch", "objective")
+
+
+class ExperimentError(RuntimeError):
+    """An experiment folder that cannot be read; the message says which and why."""
+
+
+def read_experiment(exp_dir: str | Path) -> dict[str, Any]:
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise ExperimentError(f"{exp_dir}: no such experiment folder")
+    path = exp_dir / EXPERIMENT
+    if not path.exists():
+        raise ExperimentError(f"{exp_dir}: not an experiment folder (no {EXPERIMENT}; is this the folder tuning/search.py wrote?)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExperimentError(f"{path}: unreadable ({exc})") from None
+
+
+def write_experiment(exp_dir: str | Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(Path(exp_dir) / EXPERIMENT, json.dumps(meta, indent=2) + "\n")
+
+
+def load_trials(exp_dir: str | Path) -> tuple[dict[str, Any], list[TrialRecord]]:
+    meta = read_experiment(exp_dir)
+    return meta, trials(Journal(exp_dir).read())
+
+
+def final_objective(trial: TrialRecord) -> float | None:
+    last = trial.last
+    if last is None or trial.status in (ERRORED,):
+        return None
+    value = last.get("objective")
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def best_trial(all_trials: Sequence[TrialRecord], mode: str) -> TrialRecord | None:
+    """The trial with the best final objective (what Tune and Optuna rank by)."""
+    scored = [t for t in all_trials if final_objective(t) is not None and t.status != INTERRUPTED]
+    if not scored:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(scored, key=lambda t: (sign * final_objective(t), -t.number))  # type: ignore[operator]
+
+
+def trials_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
+    """One row per trial: its hyperparameters, status, epochs run, final and best metrics."""
+    rows = []
+    for t in all_trials:
+        last = t.last or {}
+        tested = [m for m in t.epochs if m.get("test_accuracy") is not None]
+        row: dict[str, Any] = {"trial": t.trial, "number": t.number, "status": t.status, "baseline": t.baseline}
+        row.update({p: t.config.get(p) for p in PARAMS})
+        row["epochs_run"] = len(t.epochs)
+        row.update({f: last.get(f) for f in FINAL})
+        row["best_test_accuracy"] = max((m["test_accuracy"] for m in tested), default=None)
+        row["best_test_loss"] = min((m["test_loss"] for m in tested if m.get("test_loss") is not None), default=None)
+        row["train_seconds"] = sum(m.get("epoch_seconds") or 0.0 for m in t.epochs)
+        row["error"] = t.error
+        rows.append(row)
+    columns = ["trial", "number", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
+    """One row per trial and epoch, with the trainable's metric names."""
+    columns = ["trial", "number", *METRICS, "objective"]
+    rows = [{"trial": t.trial, "number": t.number, **{c: m.get(c) for c in columns[2:]}} for t in all_trials for m in t.epochs]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def best_config_text(meta: dict[str, Any], trial: TrialRecord) -> str:
+    last = trial.last or {}
+    config = TrainConfig.from_dict(trial.config)
+    accuracy = last.get("test_accuracy")
+    lines = [
+        f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, {trial.status})",
+        f"objective {meta['objective']}: {final_objective(trial):.4f}; test_accuracy {100 * accuracy:.1f}%" if accuracy is not None else "",
+        _verdict_line(last, meta.get("challenge_window", 3)),
+        f"Re-train without Ray: python -m trainable --config {Path(meta['exp_dir']) / BEST_CONFIG}",
+    ]
+    buffer = io.StringIO()
+    for line in filter(None, lines):
+        buffer.write(f"# {line}\n")
+    buffer.write(config.to_yaml())
+    return buffer.getvalue()
+
+
+def _verdict_line(last: dict[str, Any], window: int) -> str:
+    if not last:
+        return ""
+    if last.get("challenge_met"):
+        return (
+            f"challenge met: train_loss {last['train_loss']:.4f} < test_loss {last['test_loss']:.4f} "
+            f"(below since epoch {last['crossing_epoch']}) and falling in each of the last {window} epochs"
+        )
+    return f"challenge not met: train_below_test={last.get('train_below_test')}, still_decreasing={last.get('still_decreasing')}"
+
+
+def export(exp_dir: str | Path) -> dict[str, Path]:
+    """Write trials.csv, epochs.csv and best_config.yaml (each atomically); returns their paths."""
+    exp_dir = Path(exp_dir)
+    meta, all_trials = load_trials(exp_dir)
+    paths = {"trials": exp_dir / TRIALS_CSV, "epochs": exp_dir / EPOCHS_CSV}
+    atomic_write_text(paths["trials"], trials_table(all_trials).to_csv(index=False))
+    atomic_write_text(paths["epochs"], epochs_table(all_trials).to_csv(index=False))
+    best = best_trial(all_trials, meta["mode"])
+    if best is not None:
+        paths["best_config"] = exp_dir / BEST_CONFIG
+        atomic_write_text(paths["best_config"], best_config_text(meta, best))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m tuning.export", description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
+    parser.add_argument("experiment", help="results/<name>")
+    args = parser.parse_args(argv)
+    try:
+        paths = export(args.experiment)
+    except ExperimentError as exc:
+        return fail(parser.prog, str(exc))
+    for path in paths.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

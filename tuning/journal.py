@@ -1,0 +1,140 @@
+"""The experiment's own record of what happened: the source of truth for export, report and resume.
+
+Ray's result files are written by the driver into a staging folder and synced later, and its
+searcher state is pickled separately from the Optuna study, so after a hard kill of the driver
+`Tuner.restore` can find neither. Instead, the driver appends one JSON line per event to
+``results/<name>/journal.jsonl`` the moment it happens (flushed and fsynced):
+
+    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}
+    {"event": "epoch", "trial": id, "epoch": 3, "train_loss": ..., "objective": ..., ...}
+    {"event": "checkpoint", "trial": id, "epoch": 3, "path": ...}
+    {"event": "end", "trial": id, "error": null | "message"}
+
+Reading it back gives every trial with its epochs, latest checkpoint and status. A line cut short
+by a kill is ignored. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JOURNAL = "journal.jsonl"
+
+# Trial statuses, as shown in trials.csv and the report.
+FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED = "finished", "early-stopped", "diverged", "errored", "interrupted"
+DONE = (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED)
+
+
+class Journal:
+    def __init__(self, exp_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(exp_dir) / JOURNAL
+
+    def append(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "time": time.time(), **fields}
+        line = json.dumps(_finite(record), allow_nan=False) + "\n"
+        with open(self.path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # the tail of a write cut short by a kill
+        return records
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class TrialRecord:
+    trial: str  # our id: Ray's id of the trial's first run
+    number: int  # 1, 2, ... in the order trials started
+    params: dict[str, Any]  # what the searcher chose
+    config: dict[str, Any]  # the full TrainConfig
+    baseline: bool = False
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+    checkpoint_epoch: int = 0
+    ended: bool = False
+    error: str | None = None
+    started: float = 0.0
+    finished_at: float | None = None
+    aliases: list[str] = field(default_factory=list)  # Ray ids of the runs that continued it
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.epochs[-1] if self.epochs else None
+
+    @property
+    def status(self) -> str:
+        last = self.last
+        if self.error is not None:
+            return ERRORED
+        if last is not None and last.get("diverged"):
+            return DIVERGED
+        if last is not None and last["epoch"] >= self.config["epochs"]:
+            return FINISHED
+        if self.ended:
+            return EARLY_STOPPED
+        return INTERRUPTED
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE
+
+
+def trials(records: list[dict[str, Any]]) -> list[TrialRecord]:
+    """Every trial in the journal, in start order, with its epochs merged across restarts."""
+    by_id: dict[str, TrialRecord] = {}
+    alias: dict[str, str] = {}  # Ray id of a continuation -> our id of the trial it continues
+    for r in records:
+        event = r.get("event")
+        if event == "trial":
+            continues = r.get("continues")
+            if continues in by_id:
+                alias[r["trial"]] = continues
+                by_id[continues].aliases.append(r["trial"])
+                by_id[continues].ended = False
+                continue
+            by_id[r["trial"]] = TrialRecord(
+                trial=r["trial"],
+                number=len(by_id) + 1,
+                params=r["params"],
+                config=r["config"],
+                baseline=bool(r.get("baseline")),
+                started=r["time"],
+            )
+            continue
+        trial = by_id.get(alias.get(r.get("trial", ""), r.get("trial", "")))
+        if trial is None:
+            continue
+        if event == "epoch":
+            metrics = {k: v for k, v in r.items() if k not in ("event", "trial", "time")}
+            # a retried or continued run reports its epochs again from its checkpoint on
+            trial.epochs = [m for m in trial.epochs if m["epoch"] < metrics["epoch"]] + [metrics]
+        elif event == "checkpoint":
+            trial.checkpoint, trial.checkpoint_epoch = r["path"], r["epoch"]
+        elif event == "end":
+            trial.ended, trial.error, trial.finished_at = True, r.get("error"), r["time"]
+    return list(by_id.values())

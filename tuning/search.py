@@ -1,0 +1,490 @@
+"""python tuning/search.py --samples 20: search the tutorial's hyperparameters with Optuna on Ray Tune.
+
+The data set is loaded once here, in the driver, and reaches every trial through Ray's object
+store. Optuna (TPE by default, its study in results/<name>/optuna.db) proposes learning rate,
+batch size, epochs, optimizer, momentum and weight decay; ASHA stops unpromising trials by epoch;
+the tutorial's own configuration runs first as the baseline. Every result is journalled in
+results/<name>/ as it arrives, so an interrupted search resumes with the same command, and the
+CSV files, best_config.yaml and the report are rebuilt from those files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python tuning/search.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainable import challenge
+from trainable.cli import OneLineParser, UsageError, fail, non_negative_int, positive_int
+from trainable.config import PRECISIONS, ConfigError, TrainConfig
+from trainable.data import DataError, Dataset, load_dataset
+from tuning import export as export_mod
+from tuning.console import fmt_params, fmt_result, verdict_text
+from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, Journal, TrialRecord, trials
+from tuning.space import SpaceError, Space, default_space, load_space, trial_config
+
+PROG = "python tuning/search.py"
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
+INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    s = p.add_argument_group("search")
+    s.add_argument("--samples", type=positive_int, help=f"trials in all, the baseline included (default {DEFAULT_SAMPLES}; {SMOKE_SAMPLES} with --smoke-test)")
+    s.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (default tpe)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0); training seeds come from the configuration")
+    s.add_argument("--space", metavar="YAML", help="search space replacing the default (same parameter names as the configuration)")
+    s.add_argument("--config", metavar="YAML", help="base configuration for everything the space does not search (default: the tutorial's)")
+    s.add_argument("--objective", choices=list(challenge.OBJECTIVES), default="challenge", help="challenge (default): trials meeting the tutorial's challenge rank first, then by test accuracy")
+    s.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
+    s.add_argument("--no-baseline", action="store_true", help="do not run the tutorial's configuration as the first trial")
+    s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
+    s.add_argument("--grace-period", type=positive_int, default=3, help="ASHA: epochs every trial gets before it can be stopped (default 3)")
+    s.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA: keep the best 1/N at each rung (default 3)")
+    s.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop starting new trials after this much time")
+    s.add_argument("--smoke-test", action="store_true", help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
+    r = p.add_argument_group("resources")
+    r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial; torch threads follow (default 1)")
+    r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
+    r.add_argument("--max-concurrent", type=positive_int, help="at most this many trials at once (default: as resources allow)")
+    r.add_argument("--max-failures", type=non_negative_int, default=2, help="retries of a trial that raises, from its last checkpoint (default 2)")
+    r.add_argument("--num-cpus", type=positive_int, help="local cluster only: CPUs Ray may use (default: all it detects)")
+    r.add_argument("--num-gpus", type=non_negative_int, help="local cluster only: GPUs Ray may use (default: all it detects)")
+    r.add_argument("--address", help="attach to a running Ray cluster (auto, or ray://host:port) instead of starting a local one")
+    r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="cifar10 (default), synthetic, or an image folder with train/<class>/ and test/<class>/")
+    d.add_argument("--data-root", help="where cifar10 is found or downloaded (default ./data)")
+    d.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    d.add_argument("--precision", choices=PRECISIONS, help="auto (default), fp32 or bf16")
+    o = p.add_argument_group("output")
+    o.add_argument("--results-dir", default="results", help="where experiment folders go (default results/)")
+    o.add_argument("--name", help="experiment name (default: search-<date>-<time>); the same name resumes an interrupted search")
+    o.add_argument("--restart", action="store_true", help="start the named experiment anew; the old folder is kept as <name>.replaced-<time>")
+    o.add_argument("--top", type=positive_int, default=5, help="trials drawn in the report's learning curves (default 5)")
+    o.add_argument("--confirm-seeds", type=non_negative_int, default=0, metavar="N", help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
+    o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
+    return p
+
+
+# --- planning: everything that can be checked before Ray starts ------------------------------
+
+
+class SearchIncomplete(RuntimeError):
+    """Tune returned with trials still to run."""
+
+
+@dataclass
+class Plan:
+    exp_dir: Path
+    meta: dict[str, Any]
+    space: Space
+    base: TrainConfig
+    resumed: bool
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join([PROG, *map(shlex.quote, argv)])
+
+
+def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and not float(args.gpus_per_trial).is_integer():
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: above 1 it must be a whole number of GPUs")
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    if args.reduction_factor <= 1:
+        raise UsageError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    if args.address and (args.num_cpus or args.num_gpus is not None):
+        raise UsageError("--num-cpus/--num-gpus describe a local cluster; with --address the cluster's own resources are used")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UsageError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    space = load_space(args.space) if args.space else default_space(args.smoke_test)
+    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}
+    if args.smoke_test:
+        overrides.setdefault("data", "synthetic")
+    base = base.with_updates(**overrides).resolved_paths()
+    samples = args.samples or (SMOKE_SAMPLES if args.smoke_test else DEFAULT_SAMPLES)
+    metric_mode = challenge.OBJECTIVES[args.objective][1]
+    fingerprint = {
+        "samples": samples,
+        "space": space.describe(),
+        "base": base.to_dict(),
+        "sampler": args.sampler,
+        "seed": args.seed,
+        "objective": args.objective,
+        "challenge_window": args.challenge_window,
+        "baseline": not args.no_baseline,
+        "early_stop": not args.no_early_stop,
+    }
+    results = Path(args.results_dir).expanduser().resolve()
+    _check_writable(results)
+    name = args.name or dt.datetime.now().strftime("search-%Y%m%d-%H%M%S")
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"--name {name!r}: use a plain folder name")
+    exp_dir = results / name
+    resumed = False
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        if not (exp_dir / export_mod.EXPERIMENT).exists():
+            raise UsageError(f"{exp_dir} exists and is not an experiment folder; choose another --name")
+        old = export_mod.read_experiment(exp_dir)
+        if args.restart:
+            aside = exp_dir.with_name(f"{name}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
+            exp_dir.rename(aside)
+            print(f"--restart: the earlier experiment is kept as {aside}")
+        elif old.get("status") == "finished":
+            raise UsageError(f"{exp_dir} is a finished experiment; use --restart to run it again (the old one is kept) or choose another --name")
+        else:
+            changed = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+            if changed:
+                raise UsageError(f"{exp_dir} was started with different settings ({', '.join(changed)}); resume it with its own command:  {old.get('command')}  or use --restart")
+            resumed = True
+    meta = {
+        "name": name,
+        "exp_dir": str(exp_dir),
+        "command": command_line(argv if "--name" in argv else [*argv, "--name", name]),
+        "samples": samples,
+        "objective": args.objective,
+        "metric": "objective",
+        "mode": metric_mode,
+        "challenge_window": args.challenge_window,
+        "space": space.describe(),
+        "base_config": base.to_dict(),
+        "fingerprint": fingerprint,
+        "status": "running",
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    if resumed:
+        meta = {**old, "status": "running", "command": old.get("command", meta["command"])}
+    return Plan(exp_dir, meta, space, base, resumed)
+
+
+def create_experiment(plan: Plan) -> None:
+    """Write experiment.json: only once the data loaded and the cluster can run the trials."""
+    plan.exp_dir.mkdir(parents=True, exist_ok=True)
+    export_mod.write_experiment(plan.exp_dir, plan.meta)
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{folder}: the results directory is not writable ({exc.strerror or exc})") from None
+
+
+def baseline_point(space: Space) -> tuple[dict[str, Any] | None, str]:
+    """The tutorial's values for every searched parameter, if the space can hold them."""
+    tutorial = TrainConfig()
+    point, outside = {}, []
+    for name, dist in space.distributions.items():
+        value = getattr(tutorial, name)
+        try:
+            inside = dist._contains(dist.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if not inside:
+            outside.append(f"{name}={value}")
+        point[name] = value
+    if outside:
+        return None, f"the tutorial's {', '.join(outside)} lies outside the search space"
+    return point, ""
+
+
+# --- Ray ----------------------------------------------------------------------------------
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Our own one line per trial instead of Ray's tables; Ctrl-C reaches us, not Tune."""
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # we add JSON + CSV ourselves, not TensorBoard
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def start_ray(args: argparse.Namespace) -> bool:
+    """Start or attach to Ray; True if this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": args.verbose, "logging_level": logging.INFO if args.verbose else logging.ERROR}
+    if args.address:
+        ray.init(address=args.address, **kwargs)
+    else:
+        ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)
+    return True
+
+
+def resources(args: argparse.Namespace) -> dict[str, float]:
+    """Per-trial resources, checked against what the cluster has."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    gpus_per_trial = args.gpus_per_trial if args.gpus_per_trial is not None else (0.25 if gpus > 0 else 0.0)
+    if args.cpus_per_trial > cpus:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: the cluster has only {cpus:g} CPUs")
+    if gpus_per_trial > gpus:
+        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g}: the cluster has {gpus:g} GPUs, so no trial could ever start")
+    return {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial, "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def make_sampler(name: str, seed: int):  # noqa: ANN201 - an optuna sampler
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=6, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
+    return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+
+
+def release_stale_optuna_trials(storage_url: str, study_name: str) -> int:
+    """Trials a killed driver left RUNNING (or queued) would stay so forever: mark them failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage_url)
+    except KeyError:  # no such study yet
+        return 0
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[str, float], started: float) -> str:
+    """Run the trials the experiment still needs; returns 'finished' or 'budget'."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from trainable.fit import METRICS
+    from trainable.ray_trainable import FAULT_ENV, params_key, train_trial
+    from tuning.callbacks import ExperimentCallback
+
+    meta, space = plan.meta, plan.space
+    base = trial_config(plan.base, space, {})  # the base with the space's fixed values
+    journal = Journal(plan.exp_dir)
+    existing = trials(journal.read())
+    pending = [t for t in existing if not t.done]
+    new = meta["samples"] - len(existing)
+    baseline, why_not = (None, "") if args.no_baseline or any(t.baseline for t in existing) else baseline_point(space)
+    if why_not:
+        print(f"Baseline: not run, {why_not} (--no-baseline silences this)")
+    points = [t.params for t in pending] + ([baseline] if baseline is not None and new > 0 else [])
+    num_samples = len(pending) + max(new, 0)
+    if num_samples == 0:
+        return "finished"
+    if plan.resumed:
+        done = sum(t.done for t in existing)
+        print(f"Resuming {plan.exp_dir.name}: {done} trials done, {len(pending)} to continue from their checkpoints, {max(new, 0)} new")
+    storage_url = f"sqlite:///{plan.exp_dir / 'optuna.db'}"
+    release_stale_optuna_trials(storage_url, meta["name"])
+    import optuna
+
+    searcher = OptunaSearch(
+        space=space.distributions,
+        metric="objective",
+        mode=meta["mode"],
+        points_to_evaluate=points or None,
+        sampler=make_sampler(args.sampler, args.seed),
+        study_name=meta["name"],
+        storage=optuna.storages.RDBStorage(storage_url),
+    )
+    max_epochs = max(_max_epochs(space, base), 1)
+    if args.no_early_stop:
+        scheduler = FIFOScheduler()
+    else:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(args.grace_period, max_epochs), reduction_factor=args.reduction_factor)
+    threads = max(1, math.floor(res["cpu"]))
+    # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
+    slots = res["cluster_cpus"] / res["cpu"]
+    if res["gpu"] > 0:
+        slots = min(slots, res["cluster_gpus"] / res["gpu"])
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(1, int(slots)))
+    trainable = tune.with_parameters(
+        train_trial,
+        data=data,
+        base=base.to_dict(),
+        objective=meta["objective"],
+        challenge_window=meta["challenge_window"],
+        threads=threads,
+        continue_from={params_key(t.params): t.checkpoint for t in pending if t.checkpoint},
+        inject_fault=os.environ.get(FAULT_ENV),
+    )
+    trainable = tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
+    attempt = 1 + sum(1 for r in journal.read() if r.get("event") == "attempt")
+    journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
+    callback = ExperimentCallback(
+        plan.exp_dir,
+        journal,
+        base=base,
+        baseline_key=params_key(baseline) if baseline is not None else None,
+        continues={params_key(t.params): t.trial for t in pending},
+        samples=meta["samples"],
+        mode=meta["mode"],
+        metrics=(*METRICS, "objective"),
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode=meta["mode"],
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=args.max_concurrent,
+            time_budget_s=args.time_budget,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"attempt-{attempt}",
+            storage_path=args.storage or str(plan.exp_dir / "ray"),
+            callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            verbose=2 if args.verbose else 0,
+        ),
+    )
+    tuner.fit()
+    after = trials(journal.read())
+    if len(after) < meta["samples"] or not all(t.done for t in after):
+        if args.time_budget and time.time() - started >= args.time_budget:
+            return "budget"
+        raise SearchIncomplete("Ray Tune stopped before every trial ended")
+    return "finished"
+
+
+def _max_epochs(space: Space, base: TrainConfig) -> int:
+    dist = space.distributions.get("epochs")
+    if dist is None:
+        return int(space.fixed.get("epochs", base.epochs))
+    return int(max(dist.choices) if hasattr(dist, "choices") else dist.high)
+
+
+# --- the end of a search -------------------------------------------------------------------
+
+
+def summarize(plan: Plan, all_trials: list[TrialRecord], wall: float, res: dict[str, float], paths: dict[str, Path]) -> None:
+    meta = plan.meta
+    window = meta["challenge_window"]
+    counts = {s: sum(t.status == s for t in all_trials) for s in (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED)}
+    parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    busy = sum(m.get("epoch_seconds") or 0.0 for t in all_trials for m in t.epochs) * max(1, math.floor(res["cpu"]))
+    print()
+    print(f"Search {meta['name']}: {len(all_trials)} trials ({parts}) in {wall:.0f} s; "
+          f"train/evaluate used {100 * busy / (wall * max(res['cluster_cpus'], 1)):.0f}% of {res['cluster_cpus']:g} CPUs x wall time")
+    met = [t for t in all_trials if (t.last or {}).get("challenge_met")]
+    print(f"Challenge (train loss below test loss and still falling): met by {len(met)} of {len(all_trials)} trials")
+    best = export_mod.best_trial(all_trials, meta["mode"])
+    if best is not None:
+        print(f"Best      trial {best.number:>2} ({best.trial}): {fmt_params(best.config)}")
+        print(f"          {fmt_result(best)}; {verdict_text(best, window)}")
+    for t in all_trials:
+        if t.baseline:
+            print(f"Baseline  trial {t.number:>2} (the tutorial's configuration): {fmt_result(t)}; {verdict_text(t, window)}")
+    table = export_mod.trials_table(all_trials)
+    if not table.empty:
+        ascending = meta["mode"] == "min"
+        shown = table.sort_values("objective", ascending=ascending, na_position="last").head(10)
+        cols = ["number", "status", "lr", "batch_size", "epochs", "optimizer", "epochs_run", "train_loss", "test_loss", "test_accuracy", "challenge_met"]
+        print()
+        print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print()
+    for label, path in paths.items():
+        print(f"{label:>12}: {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    try:
+        plan = make_plan(args, argv)
+    except (UsageError, SpaceError, ConfigError, export_mod.ExperimentError) as exc:
+        return fail(PROG, str(exc))
+    meta = plan.meta
+    started_ray = False
+    try:
+        data = load_dataset(plan.base.data, plan.base.data_root, cache_dir=args.cache_dir)
+        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.exp_dir}")
+        quiet_ray(args.verbose)
+        started_ray = start_ray(args)
+        res = resources(args)
+        create_experiment(plan)
+        outcome = run_search(plan, data, args, res, started)
+    except (UsageError, DataError) as exc:
+        return fail(PROG, str(exc))
+    except KeyboardInterrupt:
+        _mark(plan, "interrupted")
+        print(f"\nInterrupted. Finished trials are kept in {plan.exp_dir}; resume with:\n  {meta['command']}", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    except Exception as exc:  # noqa: BLE001 - keep the experiment resumable whatever went wrong
+        _mark(plan, "interrupted")
+        log = plan.exp_dir / "error.log"
+        if plan.exp_dir.exists():
+            log.write_text(traceback.format_exc())
+        print(f"{PROG}: error: {exc} (details in {log}). Finished trials are kept; resume with:\n  {meta['command']}", file=sys.stderr)
+        return 1
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    paths = export_mod.export(plan.exp_dir)
+    _, all_trials = export_mod.load_trials(plan.exp_dir)
+    _mark(plan, "finished")
+    paths["optuna"] = plan.exp_dir / "optuna.db"
+    summarize(plan, all_trials, time.time() - started, res, paths)
+    if outcome == "budget":
+        print(f"Time budget of {args.time_budget:g} s reached: {len(all_trials)} of {meta['samples']} trials ran.")
+    if not any(t.status in (FINISHED, EARLY_STOPPED, DIVERGED) for t in all_trials):
+        print(f"{PROG}: error: no trial finished; see the errors in {paths['trials']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _mark(plan: Plan, status: str) -> None:
+    if not (plan.exp_dir / export_mod.EXPERIMENT).exists():
+        return  # stopped before the experiment was created
+    meta = export_mod.read_experiment(plan.exp_dir)
+    meta["status"] = status
+    export_mod.write_experiment(plan.exp_dir, meta)
+    plan.meta = meta
+
+
+if __name__ == "__main__":
+    sys.exit(main())
