@@ -9,7 +9,6 @@ so the scheduler counts epochs, not restarts.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -26,13 +25,9 @@ from trainable.fit import Trainer
 
 STATE_FILE = "state.pt"
 # Read by the search driver (not the workers) and handed to every trial: tests use it to make
-# trials raise at a given epoch, "EPOCH:TIMES:MARKER_DIR" = the first TIMES times they get there.
+# trials raise. "EPOCH:TIMES:MARKER_DIR[:KEY=VALUE]": at EPOCH, the first TIMES times a trial gets
+# there (counted in MARKER_DIR), only in trials whose config has KEY == VALUE if given.
 FAULT_ENV = "HPTUNE_INJECT_FAULT"
-
-
-def params_key(params: Mapping[str, Any]) -> str:
-    """A canonical key for a trial's sampled hyperparameters."""
-    return json.dumps(dict(params), sort_keys=True)
 
 
 def trial_device(gpu_ids: list) -> torch.device:
@@ -50,32 +45,41 @@ def train_trial(
     objective: str,
     challenge_window: int,
     threads: int,
-    continue_from: Mapping[str, str] | None = None,
+    checkpoints: Mapping[str, str] | None = None,
     inject_fault: str | None = None,
 ) -> None:
-    """Run one trial: `params` (from the searcher) over the `base` configuration."""
+    """Run one trial: `params` (from the searcher) over the `base` configuration.
+
+    Keys of `params` starting with "__" are the searcher's tags, not hyperparameters; the tag
+    "__continues__" names an interrupted trial whose checkpoint (in `checkpoints`) to resume.
+    """
     torch.set_num_threads(threads)
-    config = TrainConfig.from_dict({**base, **params})
+    continues = params.get("__continues__")
+    config = TrainConfig.from_dict({**base, **{k: v for k, v in params.items() if not k.startswith("__")}})
     trainer = Trainer(config, data, device=trial_device(ray.get_gpu_ids()), challenge_window=challenge_window)
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial after a failure
-    if checkpoint is None and continue_from and params_key(params) in continue_from:
-        checkpoint = tune.Checkpoint(continue_from[params_key(params)])  # a resumed search
+    if checkpoint is None and continues and checkpoints and continues in checkpoints:
+        checkpoint = tune.Checkpoint(checkpoints[continues])  # a resumed search
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(torch.load(os.path.join(folder, STATE_FILE), map_location=trainer.device, weights_only=False))
     for metrics in trainer.run():
         if inject_fault:
-            _inject_fault(inject_fault, metrics["epoch"])
+            _inject_fault(inject_fault, metrics["epoch"], config)
         metrics["objective"] = objective_value(metrics, objective)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _inject_fault(spec: str, epoch: int) -> None:
-    at, times, marker_dir = spec.split(":", 2)
+def _inject_fault(spec: str, epoch: int, config: TrainConfig) -> None:
+    at, times, marker_dir, *only = spec.split(":")
     if epoch != int(at):
         return
+    if only:
+        key, value = only[0].split("=", 1)
+        if str(getattr(config, key)) != value:
+            return
     trial_id = tune.get_context().get_trial_id()
     marker = os.path.join(marker_dir, f"{trial_id}.faults")
     count = int(open(marker).read()) if os.path.exists(marker) else 0

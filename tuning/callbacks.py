@@ -17,10 +17,10 @@ from typing import Any
 from ray import tune
 
 from trainable.config import TrainConfig
-from trainable.ray_trainable import params_key
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result
 from tuning.journal import Journal, trials
+from tuning.searcher import BASELINE, CONTINUES, hyperparameters
 
 
 def _guarded(hook: Callable) -> Callable:
@@ -41,8 +41,6 @@ class ExperimentCallback(tune.Callback):
         journal: Journal,
         *,
         base: TrainConfig,
-        baseline_key: str | None,
-        continues: dict[str, str],
         samples: int,
         mode: str,
         metrics: Sequence[str],
@@ -50,8 +48,6 @@ class ExperimentCallback(tune.Callback):
         self.exp_dir = exp_dir
         self.journal = journal
         self.base = base
-        self.baseline_key = baseline_key
-        self.continues = dict(continues)  # params key -> id of the interrupted trial it continues
         self.samples = samples
         self.mode = mode
         self.metrics = tuple(metrics)
@@ -62,14 +58,13 @@ class ExperimentCallback(tune.Callback):
         if trial.trial_id in self.known:
             return  # restarted after a failure: same trial, same record
         self.known.add(trial.trial_id)
-        params = dict(trial.config)
-        key = params_key(params)
-        record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": TrainConfig.from_dict({**self.base.to_dict(), **params}).to_dict()}
-        if key in self.continues:
-            record["continues"] = self.continues.pop(key)
-        elif key == self.baseline_key:
+        params = hyperparameters(trial.config)
+        config = TrainConfig.from_dict({**self.base.to_dict(), **params}).to_dict()
+        record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": config}
+        if trial.config.get(CONTINUES):
+            record["continues"] = trial.config[CONTINUES]
+        if trial.config.get(BASELINE):
             record["baseline"] = True
-            self.baseline_key = None
         self.journal.append("trial", **record)
 
     @_guarded

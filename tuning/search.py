@@ -192,22 +192,10 @@ def _check_writable(folder: Path) -> None:
         raise UsageError(f"{folder}: the results directory is not writable ({exc.strerror or exc})") from None
 
 
-def baseline_point(space: Space) -> tuple[dict[str, Any] | None, str]:
-    """The tutorial's values for every searched parameter, if the space can hold them."""
+def baseline_params(space: Space) -> dict[str, Any]:
+    """The tutorial's values for every parameter the space searches."""
     tutorial = TrainConfig()
-    point, outside = {}, []
-    for name, dist in space.distributions.items():
-        value = getattr(tutorial, name)
-        try:
-            inside = dist._contains(dist.to_internal_repr(value))
-        except (ValueError, TypeError):
-            inside = False
-        if not inside:
-            outside.append(f"{name}={value}")
-        point[name] = value
-    if outside:
-        return None, f"the tutorial's {', '.join(outside)} lies outside the search space"
-    return point, ""
+    return {name: getattr(tutorial, name) for name in space.distributions}
 
 
 # --- Ray ----------------------------------------------------------------------------------
@@ -292,38 +280,41 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
     from ray.tune.search.optuna import OptunaSearch
 
     from trainable.fit import METRICS
-    from trainable.ray_trainable import FAULT_ENV, params_key, train_trial
+    from trainable.ray_trainable import FAULT_ENV, train_trial
     from tuning.callbacks import ExperimentCallback
+    from tuning.searcher import BASELINE, CONTINUES, FixedFirst
 
     meta, space = plan.meta, plan.space
     base = trial_config(plan.base, space, {})  # the base with the space's fixed values
     journal = Journal(plan.exp_dir)
     existing = trials(journal.read())
     pending = [t for t in existing if not t.done]
-    new = meta["samples"] - len(existing)
-    baseline, why_not = (None, "") if args.no_baseline or any(t.baseline for t in existing) else baseline_point(space)
-    if why_not:
-        print(f"Baseline: not run, {why_not} (--no-baseline silences this)")
-    points = [t.params for t in pending] + ([baseline] if baseline is not None and new > 0 else [])
-    num_samples = len(pending) + max(new, 0)
+    new = max(meta["samples"] - len(existing), 0)
+    num_samples = len(pending) + new
     if num_samples == 0:
         return "finished"
     if plan.resumed:
         done = sum(t.done for t in existing)
-        print(f"Resuming {plan.exp_dir.name}: {done} trials done, {len(pending)} to continue from their checkpoints, {max(new, 0)} new")
+        print(f"Resuming {plan.exp_dir.name}: {done} trials done, {len(pending)} to continue from their checkpoints, {new} new")
+    # Interrupted trials first (each continues its own checkpoint), then the baseline, then Optuna.
+    fixed = [{**t.params, CONTINUES: t.trial} for t in pending]
+    if new > 0 and not args.no_baseline and not any(t.baseline for t in existing):
+        fixed.append({**baseline_params(space), BASELINE: True})
+    attempt = 1 + sum(1 for r in journal.read() if r.get("event") == "attempt")
     storage_url = f"sqlite:///{plan.exp_dir / 'optuna.db'}"
     release_stale_optuna_trials(storage_url, meta["name"])
     import optuna
 
-    searcher = OptunaSearch(
+    optuna_search = OptunaSearch(
         space=space.distributions,
         metric="objective",
         mode=meta["mode"],
-        points_to_evaluate=points or None,
-        sampler=make_sampler(args.sampler, args.seed),
+        # a resumed search must not replay the first attempt's random start-up samples
+        sampler=make_sampler(args.sampler, args.seed if attempt == 1 else args.seed * 1000 + attempt),
         study_name=meta["name"],
         storage=optuna.storages.RDBStorage(storage_url),
     )
+    searcher = FixedFirst(optuna_search, fixed, metric="objective", mode=meta["mode"])
     max_epochs = max(_max_epochs(space, base), 1)
     if args.no_early_stop:
         scheduler = FIFOScheduler()
@@ -342,18 +333,15 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         objective=meta["objective"],
         challenge_window=meta["challenge_window"],
         threads=threads,
-        continue_from={params_key(t.params): t.checkpoint for t in pending if t.checkpoint},
+        checkpoints={t.trial: t.checkpoint for t in pending if t.checkpoint},
         inject_fault=os.environ.get(FAULT_ENV),
     )
     trainable = tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
-    attempt = 1 + sum(1 for r in journal.read() if r.get("event") == "attempt")
     journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
     callback = ExperimentCallback(
         plan.exp_dir,
         journal,
         base=base,
-        baseline_key=params_key(baseline) if baseline is not None else None,
-        continues={params_key(t.params): t.trial for t in pending},
         samples=meta["samples"],
         mode=meta["mode"],
         metrics=(*METRICS, "objective"),

@@ -1,0 +1,249 @@
+"""Nothing lost: bad input, diverging and failing trials, Ctrl-C and SIGKILL of the driver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from tests.fixtures import write_image_folder
+from trainable.ray_trainable import FAULT_ENV
+from tuning.journal import Journal, trials
+from tuning.search import main as search
+
+SEARCH = str(Path(__file__).resolve().parent.parent / "tuning" / "search.py")
+LONG_SPACE = """
+lr: {low: 2.0e-3, high: 2.0e-2, log: true}
+batch_size: [32]
+epochs: 12
+optimizer: [sgd, nesterov]
+momentum: {low: 0.5, high: 0.9}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# --- bad input: one line, exit 2, nothing created or overwritten ------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
+        (["--samples", "-3"], "argument --samples: must be >= 1, got -3"),
+        (["--gpus-per-trial", "-0.5"], "--gpus-per-trial must be >= 0"),
+        (["--gpus-per-trial", "1.5"], "above 1 it must be a whole number of GPUs"),
+        (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--sampler", "bayes"], "argument --sampler: invalid choice: 'bayes'"),
+        (["--space", "@notyaml"], "not valid YAML"),
+        (["--space", "@unknown"], "dropout: unknown parameter"),
+        (["--space", "@lowhigh"], "lr: low (0.1) is greater than high (0.01)"),
+        (["--space", "@logzero"], "weight_decay: a log-scale range needs low > 0"),
+        (["--space", "/no/such/space.yaml"], "/no/such/space.yaml: cannot read"),
+        (["--config", "@badkey"], "learning_rate: unknown key"),
+        (["--config", "@badtype"], "batch_size: expected an integer, got 'big'"),
+        (["--data", "/no/such/folder"], "/no/such/folder: no such folder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
+    files = {
+        "@notyaml": write(tmp_path, "a.yaml", "lr: {low: 1\n"),
+        "@unknown": write(tmp_path, "b.yaml", "dropout: [0.1, 0.2]\n"),
+        "@lowhigh": write(tmp_path, "c.yaml", "lr: {low: 0.1, high: 0.01}\n"),
+        "@logzero": write(tmp_path, "d.yaml", "weight_decay: {low: 0, high: 0.1, log: true}\n"),
+        "@badkey": write(tmp_path, "e.yaml", "learning_rate: 0.1\n"),
+        "@badtype": write(tmp_path, "f.yaml", "batch_size: big\n"),
+    }
+    argv = ["--results-dir", str(tmp_path / "results"), "--name", "x", "--data", "synthetic", *[files.get(a, a) for a in extra]]
+    status, out, err = cli(search, argv)
+    assert status == 2, (out, err)
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "results" / "x").exists()
+
+
+def test_bad_image_folders_are_one_line_exit_2(cli, tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    cases = {
+        "no-split": (lambda: (root / "test").rename(root / "val"), "no test/ folder"),
+        "empty-class": (lambda: [p.unlink() for p in (root / "train" / "dog").iterdir()], "train/dog: class folder has no images"),
+        "truncated": (lambda: (root / "train" / "cat" / "0001.jpg").write_bytes((root / "train" / "cat" / "0001.jpg").read_bytes()[:40]), "0001.jpg: cannot read image"),
+    }
+    for name, (breakage, message) in cases.items():
+        root = write_image_folder(tmp_path / name)
+        breakage()
+        status, _, err = cli(search, ["--results-dir", str(tmp_path / "results"), "--data", str(root), "--cache-dir", str(tmp_path / "cache")])
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_cifar10_offline_without_a_copy_is_one_line_exit_2(cli, tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    status, _, err = cli(search, ["--results-dir", str(tmp_path / "results"), "--data-root", str(tmp_path / "data")])
+    assert status == 2 and "CIFAR-10 is not in" in err and "--data PATH" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_results_directory_is_one_line_exit_2(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(blocker / "results")])
+    assert status == 2 and "results directory is not writable" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_resources_the_cluster_lacks_are_one_line_exit_2(cli, tmp_path):
+    base = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2", "--num-gpus", "0"]
+    status, _, err = cli(search, [*base, "--cpus-per-trial", "8"])
+    assert status == 2 and "--cpus-per-trial 8: the cluster has only 2 CPUs" in err and len(err.strip().splitlines()) == 1
+    status, _, err = cli(search, [*base, "--gpus-per-trial", "0.5"])
+    assert status == 2 and "--gpus-per-trial 0.5: the cluster has 0 GPUs" in err
+    assert not (tmp_path / "results" / "r").exists()
+
+
+# --- trials that go wrong ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_diverging_trials_end_as_diverged_and_the_search_completes(cli, tmp_path):
+    space = write(tmp_path, "s.yaml", "lr: [20.0, 0.01]\nbatch_size: [128]\nepochs: 3\noptimizer: [sgd]\nmomentum: 0.9\n")
+    status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "d", "--num-cpus", "2",
+                                    "--samples", "4", "--space", space, "--sampler", "random", "--no-baseline", "--no-early-stop"])
+    assert status == 0, err
+    table = pd.read_csv(tmp_path / "results" / "d" / "trials.csv")
+    assert len(table) == 4
+    diverged = table[table["lr"] == 20.0]
+    assert len(diverged) >= 1 and set(diverged["status"]) == {"diverged"}
+    assert (table[table["lr"] == 0.01]["status"] == "finished").all()
+    # told to Optuna as the worst result, not a crash
+    study = optuna.load_study(study_name="d", storage=f"sqlite:///{tmp_path / 'results' / 'd' / 'optuna.db'}")
+    values = {t.params["lr"]: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert values[20.0] == -1.0
+
+
+@pytest.mark.slow
+def test_failing_trial_is_retried_from_its_checkpoint(cli, tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"2:1:{markers}")  # every trial raises once at epoch 2
+    space = write(tmp_path, "s.yaml", "lr: {low: 0.005, high: 0.02}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n")
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "f", "--num-cpus", "2",
+                                  "--samples", "2", "--space", space, "--no-baseline", "--no-early-stop", "--max-failures", "1"])
+    assert status == 0, err
+    assert len(list(markers.iterdir())) == 2  # both trials did fail once
+    exp = tmp_path / "results" / "f"
+    assert set(pd.read_csv(exp / "trials.csv")["status"]) == {"finished"}
+    epochs = pd.read_csv(exp / "epochs.csv")
+    assert sorted(epochs.groupby("trial")["epoch"].apply(list).tolist()) == [[1, 2, 3], [1, 2, 3]]
+    # the retry started from the epoch-1 checkpoint: epoch 1 was reported once per trial
+    reported = [r["epoch"] for r in Journal(exp).read() if r["event"] == "epoch"]
+    assert reported.count(1) == 2
+
+
+@pytest.mark.slow
+def test_trial_failing_for_good_is_errored_and_others_unaffected(cli, tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"2:99:{markers}:batch_size=256")  # batch 256 trials always fail
+    space = write(tmp_path, "s.yaml", "lr: {low: 0.005, high: 0.02}\nbatch_size: [128, 256]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n")
+    status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "e", "--num-cpus", "2",
+                                    "--samples", "5", "--space", space, "--sampler", "random", "--no-baseline", "--no-early-stop", "--max-failures", "1"])
+    assert status == 0, err
+    table = pd.read_csv(tmp_path / "results" / "e" / "trials.csv")
+    assert len(table) == 5
+    errored, others = table[table["batch_size"] == 256], table[table["batch_size"] == 128]
+    assert len(errored) >= 1 and len(others) >= 1
+    assert set(errored["status"]) == {"errored"} and errored["error"].str.contains("injected fault at epoch 2").all()
+    assert set(others["status"]) == {"finished"} and others["error"].isna().all()
+    assert "errored" in out
+
+
+@pytest.mark.slow
+def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"1:99:{markers}")
+    space = write(tmp_path, "s.yaml", "lr: [0.01]\nbatch_size: [256]\nepochs: 2\noptimizer: [adam]\n")
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "all", "--num-cpus", "2",
+                                  "--samples", "2", "--space", space, "--no-baseline", "--max-failures", "0"])
+    assert status == 1 and "no trial finished" in err
+    assert set(pd.read_csv(tmp_path / "results" / "all" / "trials.csv")["status"]) == {"errored"}
+
+
+# --- interruptions --------------------------------------------------------------------------
+
+
+def start(tmp_path: Path, argv: list[str]) -> subprocess.Popen:
+    log = open(tmp_path / "first-run.log", "w")
+    return subprocess.Popen([sys.executable, SEARCH, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, timeout: float = 240) -> None:
+    """Until `ended` trials ended and a running one has saved a checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        ts = trials(Journal(exp).read())
+        if sum(t.done for t in ts) >= ended and any(not t.done and t.checkpoint for t in ts):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the search did not get far enough in time")
+
+
+def snapshot(exp: Path) -> tuple[dict[str, list], dict[str, int]]:
+    """(test losses of each finished trial, checkpointed epoch of each unfinished one)"""
+    ts = trials(Journal(exp).read())
+    return {t.trial: [m["test_loss"] for m in t.epochs] for t in ts if t.done}, {t.trial: t.checkpoint_epoch for t in ts if not t.done}
+
+
+def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, int], samples: int) -> None:
+    table = pd.read_csv(exp / "trials.csv")
+    assert len(table) == samples and table["trial"].is_unique
+    assert set(table["status"]) <= {"finished", "early-stopped", "diverged"}
+    after = trials(Journal(exp).read())
+    by_id = {t.trial: t for t in after}
+    for trial_id, losses in before.items():  # finished trials: kept, intact, not re-run
+        assert [m["test_loss"] for m in by_id[trial_id].epochs] == losses
+        assert not by_id[trial_id].aliases
+    records = Journal(exp).read()
+    continued = {r["continues"]: r["trial"] for r in records if r["event"] == "trial" and r.get("continues")}
+    assert set(continued) == set(checkpointed)  # every interrupted trial, and only those, continued
+    for old, new in continued.items():  # ... from the epoch after its checkpoint
+        first = next(e["epoch"] for e in records if e["event"] == "epoch" and e["trial"] == new)
+        assert first == checkpointed[old] + 1
+    assert any(epoch > 0 for epoch in checkpointed.values())
+    study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig):
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
+            "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    exp = tmp_path / "results" / "r"
+    proc = start(tmp_path, argv)
+    wait_until_mid_search(exp, proc)
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    status = proc.wait(timeout=120)
+    log = (tmp_path / "first-run.log").read_text()
+    if sig == signal.SIGINT:
+        assert status == 130 and "resume with:" in log and "--name r" in log, log
+    before, checkpointed = snapshot(exp)
+    assert 2 <= len(before) < 6
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    assert f"Resuming r: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=6)
