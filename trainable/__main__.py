@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainable import challenge
 from trainable.cli import OneLineParser, dumps, fail, non_negative_int, positive_int
-from trainable.config import OPTIMIZERS, PRECISIONS, ConfigError, TrainConfig
-from trainable.data import DataError, load_dataset
+from trainable.config import OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
+from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
+from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer, select_device
 
 PROG = "python -m trainable"
 # flag dest -> TrainConfig field, for the flags that override one field each
-HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "seed", "hidden")
+HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule", "seed", "hidden")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
     h.add_argument("--momentum", type=float, help="SGD/Nesterov momentum (default 0)")
     h.add_argument("--weight-decay", type=float, help="default 0")
+    h.add_argument("--schedule", choices=SCHEDULES, help="learning rate per epoch: constant (default) or cosine (from lr towards 0)")
     h.add_argument("--seed", type=int, help="weight init and shuffling (default 42)")
     h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH", help="hidden layer widths (default 512 512)")
     r = p.add_argument_group("data and hardware")
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
     o.add_argument("--json", action="store_true", help="print one JSON object per epoch instead of text")
+    o.add_argument("--seeds", type=positive_int, metavar="N", help="instead: re-train with N new seeds (seed+1 .. seed+N) and report mean ± std of the final metrics; writes confirm.csv beside --config")
     return p
 
 
@@ -83,6 +87,25 @@ def format_verdict(m: dict[str, Any], window: int) -> str:
     return f"Challenge: {met} (train_loss {m['train_loss']:.4f} {relation} test_loss {m['test_loss']:.4f}{crossing}; train loss {falling})"
 
 
+def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Dataset, device: torch.device) -> int:
+    def show(row: dict[str, Any]) -> None:
+        if args.json:
+            print(dumps(row), flush=True)
+        else:
+            print(f"seed {row['seed']}: test_accuracy {100 * row['test_accuracy']:.1f}%  train_loss {row['train_loss']:.4f}  "
+                  f"test_loss {row['test_loss']:.4f}  challenge {'met' if row['challenge_met'] else 'not met'}", flush=True)
+
+    rows = confirm(config, data, args.seeds, challenge_window=args.challenge_window, device=device, on_run=show)
+    if not args.json:
+        print(f"Confirmation: {describe(rows)}")
+    if args.config:
+        path = Path(args.config).resolve().parent / CONFIRM_FILE
+        write_confirm(path, rows)
+        if not args.json:
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -96,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = load_dataset(config.data, config.data_root, cache_dir=args.cache_dir)
     except DataError as exc:
         return fail(PROG, str(exc))
+    if args.seeds:
+        return run_seeds(args, config, data, device)
     trainer = Trainer(config, data, device=device, challenge_window=args.challenge_window)
     if not args.json:
         print(f"{data!r} on {device} ({trainer.precision}); {config.to_dict()}")

@@ -20,6 +20,7 @@ from trainable.fileio import atomic_write_text
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("constant", "cosine")
 DATA_SOURCES = ("cifar10", "synthetic")  # anything else is a path to an image folder
 
 
@@ -35,6 +36,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | nesterov (SGD with Nesterov momentum) | adam | adamw
     momentum: float = 0.0  # SGD/Nesterov momentum; ignored by adam/adamw
     weight_decay: float = 0.0  # L2 (sgd, nesterov, adam) or decoupled (adamw) decay
+    schedule: str = "constant"  # learning rate per epoch: constant, or cosine from lr down towards 0
     seed: int = 42  # weight init and the per-epoch shuffles
     precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast, else fp32
     hidden: list[int] = field(default_factory=lambda: [512, 512])  # widths of the hidden layers
@@ -59,6 +61,8 @@ class TrainConfig:
             raise ConfigError("momentum: nesterov needs momentum > 0")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.hidden or any(w < 1 for w in self.hidden):

@@ -81,6 +81,13 @@ def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def epoch_lr(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of `epoch` (1-based): constant, or cosine-annealed over the run."""
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    return config.lr
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle of `epoch` depends only on (seed, epoch), so a resumed run shuffles the same."""
     return (seed * 1_000_003 + epoch) % (2**63)
@@ -142,6 +149,8 @@ class Trainer:
     def run_epoch(self) -> dict[str, Any]:
         epoch = self.epochs_done + 1
         generator = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch))
+        for group in self.optimizer.param_groups:
+            group["lr"] = epoch_lr(self.config, epoch)
         start = time.perf_counter()
         train_loss, train_accuracy = train_epoch(
             self.model,

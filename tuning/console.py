@@ -10,7 +10,8 @@ from tuning.journal import ERRORED, TrialRecord
 def fmt_params(config: dict[str, Any]) -> str:
     opt = config["optimizer"]
     momentum = f" momentum {config['momentum']:.2f}" if opt in ("sgd", "nesterov") and config["momentum"] else ""
-    return f"lr {config['lr']:.2e} batch_size {config['batch_size']} epochs {config['epochs']} {opt}{momentum} weight_decay {config['weight_decay']:.0e}"
+    schedule = " cosine" if config.get("schedule") == "cosine" else ""
+    return f"lr {config['lr']:.2e}{schedule} batch_size {config['batch_size']} epochs {config['epochs']} {opt}{momentum} weight_decay {config['weight_decay']:.0e}"
 
 
 def fmt_result(t: TrialRecord) -> str:

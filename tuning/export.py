@@ -23,7 +23,7 @@ from tuning.journal import ERRORED, INTERRUPTED, Journal, TrialRecord, trials
 
 EXPERIMENT = "experiment.json"
 TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
-PARAMS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay")
+PARAMS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
 FINAL = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_below_test", "still_decreasing", "challenge_met", "crossing_epoch", "objective")
 
 

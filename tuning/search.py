@@ -34,6 +34,7 @@ from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result, verdict_text
+from tuning.report import write_report
 from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, Journal, TrialRecord, trials
 from tuning.space import SpaceError, Space, default_space, load_space, trial_config
 
@@ -428,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started_ray = False
     try:
         data = load_dataset(plan.base.data, plan.base.data_root, cache_dir=args.cache_dir)
-        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.exp_dir}")
+        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.exp_dir}", flush=True)
         quiet_ray(args.verbose)
         started_ray = start_ray(args)
         res = resources(args)
@@ -456,13 +457,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, all_trials = export_mod.load_trials(plan.exp_dir)
     _mark(plan, "finished")
     paths["optuna"] = plan.exp_dir / "optuna.db"
-    summarize(plan, all_trials, time.time() - started, res, paths)
+    wall = time.time() - started  # the search itself; confirmation and report come after
+    if args.confirm_seeds and "best_config" in paths:
+        paths["confirm"] = confirm_best(plan, data, args.confirm_seeds)
+    try:
+        paths["report"] = write_report(plan.exp_dir, top=args.top)
+    except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
+        print(f"{PROG}: warning: the report could not be drawn ({exc}); the CSV files are complete", file=sys.stderr)
+    summarize(plan, all_trials, wall, res, paths)
     if outcome == "budget":
         print(f"Time budget of {args.time_budget:g} s reached: {len(all_trials)} of {meta['samples']} trials ran.")
     if not any(t.status in (FINISHED, EARLY_STOPPED, DIVERGED) for t in all_trials):
         print(f"{PROG}: error: no trial finished; see the errors in {paths['trials']}", file=sys.stderr)
         return 1
     return 0
+
+
+def confirm_best(plan: Plan, data: Dataset, n: int) -> Path:
+    """Re-train the best configuration with n new seeds, in this process (Ray is done by now)."""
+    import torch
+
+    from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
+
+    config = TrainConfig.load(plan.exp_dir / export_mod.BEST_CONFIG)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"Confirming the best configuration with {n} new seeds ...", flush=True)
+    rows = confirm(config, data, n, challenge_window=plan.meta["challenge_window"])
+    path = plan.exp_dir / CONFIRM_FILE
+    write_confirm(path, rows)
+    print(f"Confirmation: {describe(rows)}")
+    return path
 
 
 def _mark(plan: Plan, status: str) -> None:

@@ -23,18 +23,19 @@ import yaml
 
 from trainable.config import OPTIMIZERS, ConfigError, TrainConfig
 
-SEARCHABLE = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay")
+SEARCHABLE = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
 INT_FIELDS = ("batch_size", "epochs")
 
 # The default space, tuned so that a 20-sample search on a 2-core CPU meets the tutorial's
 # challenge on CIFAR-10 within minutes (see README, "The challenge").
 DEFAULT_SPACE: dict[str, Any] = {
-    "lr": {"low": 1.0e-4, "high": 0.3, "log": True},
-    "batch_size": {"type": "pow2", "low": 32, "high": 512},
-    "epochs": {"low": 5, "high": 20},
+    "lr": {"low": 3.0e-4, "high": 0.2, "log": True},
+    "batch_size": {"type": "pow2", "low": 64, "high": 512},
+    "epochs": {"low": 6, "high": 20},
     "optimizer": list(OPTIMIZERS),
-    "momentum": {"low": 0.0, "high": 0.99},
-    "weight_decay": [0.0, 1.0e-5, 1.0e-4, 1.0e-3],
+    "momentum": {"low": 0.5, "high": 0.99},
+    "weight_decay": {"low": 1.0e-6, "high": 1.0e-3, "log": True},
+    "schedule": ["constant", "cosine"],
 }
 SMOKE_SPACE: dict[str, Any] = {**DEFAULT_SPACE, "epochs": 2}
 
@@ -158,7 +159,7 @@ def _categorical(where: str, name: str, choices: list[Any]) -> od.CategoricalDis
 
 def _check_value(where: str, name: str, value: Any) -> Any:
     """The value as TrainConfig takes it for this field, or SpaceError saying why not."""
-    if isinstance(value, str) and name != "optimizer":
+    if isinstance(value, str) and name not in ("optimizer", "schedule"):
         value = _number(where, "value", value)
     try:
         config = TrainConfig.from_dict({name: value, **({"momentum": 0.9} if name == "optimizer" else {})})

@@ -1,0 +1,74 @@
+"""python -m tuning.bench: does a search spend its time training?
+
+Runs a small but real search (a local Ray started by the search itself, the data loaded once,
+checkpoints every epoch, the journal and CSV files kept current) and compares the time trials
+spent inside train/evaluate with what the machine had to give: wall time, from the moment the
+search was called (Ray's start included), times the CPUs Ray used.
+
+    python -m tuning.bench --data data/cifar10-jpeg              # 8 trials x 4 epochs, batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainable.cli import OneLineParser, positive_int
+from tuning.journal import Journal, trials
+from tuning.search import main as search
+
+PROG = "python -m tuning.bench"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Fraction of the machine's time a search spends in train/evaluate.")
+    p.add_argument("--data", default="cifar10", help="cifar10 (default), synthetic or an image folder")
+    p.add_argument("--data-root", help="where cifar10 is found (default ./data)")
+    p.add_argument("--samples", type=positive_int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=4, help="epochs per trial (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs for the local Ray (default: all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        space = Path(folder) / "space.yaml"
+        # Fixed work per trial, so every run of the bench measures the same thing.
+        space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\nepochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
+        argv_search = ["--data", args.data, "--results-dir", folder, "--name", "bench", "--samples", str(args.samples), "--space", str(space),
+                       "--no-baseline", "--no-early-stop", "--cpus-per-trial", str(args.cpus_per_trial)]
+        if args.data_root:
+            argv_search += ["--data-root", args.data_root]
+        if args.num_cpus:
+            argv_search += ["--num-cpus", str(args.num_cpus)]
+        import os
+
+        cpus = args.num_cpus or os.cpu_count() or 1
+        start = time.perf_counter()
+        status = search(argv_search)
+        wall = time.perf_counter() - start
+        if status != 0:
+            print(f"{PROG}: the search failed (exit {status})", file=sys.stderr)
+            return status
+        records = trials(Journal(Path(folder) / "bench").read())
+    threads = max(1, math.floor(args.cpus_per_trial))
+    busy = sum(m["epoch_seconds"] for t in records for m in t.epochs) * threads
+    epochs = sum(len(t.epochs) for t in records)
+    print()
+    print(f"{len(records)} trials, {epochs} epochs, {cpus} CPUs, {threads} thread(s) per trial")
+    print(f"wall time (Ray's start included):       {wall:7.1f} s  = {wall * cpus:7.1f} CPU-seconds available")
+    print(f"inside train/evaluate, over all trials: {busy:7.1f} CPU-seconds")
+    print(f"fraction of the machine spent training: {100 * busy / (wall * cpus):.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""python tuning/report.py results/<name>: figures and an HTML page from an experiment folder.
+
+Reads only the files in the folder (experiment.json, trials.csv, epochs.csv, optuna.db and
+confirm.csv if there), so
+it works after the search is gone, on a copied folder, without Ray. Writes results/<name>/report/:
+
+    learning_curves.png  train and test loss, and test accuracy, per epoch: the best trials and
+                         the tutorial's baseline (the tutorial's own figure), crossings marked
+    progress.png         the objective of each trial in order, with the best so far
+    what_mattered.png    final test accuracy against learning rate, by batch size; Optuna's
+                         parameter importances
+    index.html           one self-contained page: the verdict, the best configuration, the
+                         figures, the trials table and the command that produced the run
+
+Extraction (plain tables, tested) is kept apart from drawing (smoke-rendered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python tuning/report.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd
+
+from trainable.cli import OneLineParser, fail, positive_int
+from trainable.confirm import CONFIRM_FILE, describe, read_confirm
+from trainable.fileio import atomic_write_bytes, atomic_write_text
+from tuning import export as export_mod
+from tuning.console import fmt_params
+from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED
+
+PROG = "python tuning/report.py"
+FIGURES = ("learning_curves.png", "progress.png", "what_mattered.png")
+DPI = 110
+STATUS_STYLE = {  # marker and colour per trial status, one legend everywhere
+    FINISHED: ("o", "tab:blue"),
+    EARLY_STOPPED: ("v", "tab:gray"),
+    DIVERGED: ("X", "tab:red"),
+    ERRORED: ("s", "black"),
+    INTERRUPTED: ("D", "tab:orange"),
+}
+
+
+# --- extraction: plain tables from trials.csv and epochs.csv ---------------------------------
+
+
+def read_tables(exp_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """experiment.json, trials.csv and epochs.csv; ExperimentError if the folder lacks them."""
+    meta = export_mod.read_experiment(exp_dir)
+    paths = [exp_dir / export_mod.TRIALS_CSV, exp_dir / export_mod.EPOCHS_CSV]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise export_mod.ExperimentError(f"{exp_dir}: no {' or '.join(missing)} (python -m tuning.export {exp_dir} writes them)")
+    trials_df, epochs_df = (pd.read_csv(p) for p in paths)
+    if trials_df.empty:
+        raise export_mod.ExperimentError(f"{exp_dir}: the experiment has no trials yet")
+    return meta, trials_df, epochs_df
+
+
+def top_trials(trials_df: pd.DataFrame, mode: str, k: int) -> pd.DataFrame:
+    """The k rows with the best final objective, best first (rows without one are left out)."""
+    scored = trials_df[trials_df["objective"].notna() & (trials_df["status"] != ERRORED)]
+    return scored.sort_values(["objective", "number"], ascending=[mode == "min", True]).head(k)
+
+
+def curves_table(trials_df: pd.DataFrame, epochs_df: pd.DataFrame, mode: str, k: int) -> pd.DataFrame:
+    """Per-epoch losses and accuracy of the top k trials and the baseline, labelled for a legend."""
+    chosen = top_trials(trials_df, mode, k)
+    chosen = pd.concat([chosen, trials_df[trials_df["baseline"] & ~trials_df["trial"].isin(chosen["trial"])]])
+    rows = []
+    for rank, (_, t) in enumerate(chosen.iterrows(), start=1):
+        label = f"trial {t['number']}" + (" (tutorial baseline)" if t["baseline"] else f" (#{rank})")
+        for _, m in epochs_df[epochs_df["trial"] == t["trial"]].sort_values("epoch").iterrows():
+            rows.append({"label": label, "trial": t["trial"], "baseline": bool(t["baseline"]), "epoch": m["epoch"], "train_loss": m["train_loss"],
+                         "test_loss": m["test_loss"], "test_accuracy": m["test_accuracy"], "crossing_epoch": t["crossing_epoch"]})
+    return pd.DataFrame(rows, columns=["label", "trial", "baseline", "epoch", "train_loss", "test_loss", "test_accuracy", "crossing_epoch"])
+
+
+def progress_table(trials_df: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Objective per trial in start order, with the best so far (NaN where a trial has none)."""
+    t = trials_df.sort_values("number")
+    objective = t["objective"].where(t["status"] != ERRORED)
+    best = (objective.cummax() if mode == "max" else objective.cummin()).ffill()  # NaN stays NaN in cummax
+    return pd.DataFrame({"number": t["number"], "objective": objective, "status": t["status"], "baseline": t["baseline"].astype(bool), "best_so_far": best}).reset_index(drop=True)
+
+
+def lr_table(trials_df: pd.DataFrame) -> pd.DataFrame:
+    """Final test accuracy against learning rate and batch size, per trial that has one."""
+    rows = trials_df[trials_df["test_accuracy"].notna()]
+    return rows[["number", "lr", "batch_size", "test_accuracy", "status"]].reset_index(drop=True)
+
+
+def load_study(exp_dir: Path):  # noqa: ANN201 - optuna.Study or None
+    import optuna
+
+    path = exp_dir / "optuna.db"
+    if not path.exists():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=export_mod.read_experiment(exp_dir)["name"], storage=f"sqlite:///{path}")
+    except Exception:  # noqa: BLE001 - a damaged or foreign database: report without it
+        return None
+
+
+def importances(study: Any) -> dict[str, float] | None:
+    """Optuna's parameter importances (PED-ANOVA: needs no scikit-learn); None when it cannot tell."""
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    if study is None:
+        return None
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 4:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return None
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(curves: pd.DataFrame, path: Path, window: int) -> None:
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=DPI)
+    colours = plt.get_cmap("tab10")
+    for i, (label, group) in enumerate(curves.groupby("label", sort=False)):
+        colour = "black" if group["baseline"].iloc[0] else colours(i % 10)
+        ax_loss.plot(group["epoch"], group["train_loss"], "--", color=colour, lw=1.4)
+        ax_loss.plot(group["epoch"], group["test_loss"], "-", color=colour, lw=1.8, label=label)
+        ax_acc.plot(group["epoch"], 100 * group["test_accuracy"], "-", color=colour, lw=1.8, label=label)
+        crossing = group["crossing_epoch"].iloc[0]
+        if crossing is not None and not pd.isna(crossing):
+            at = group[group["epoch"] == crossing]
+            ax_loss.plot(at["epoch"], at["train_loss"], "o", color=colour, ms=8, mfc="white", mew=2)
+    ax_loss.set(title="Loss per epoch (solid: test, dashed: train; ○ train falls below test)", xlabel="epoch", ylabel="cross-entropy loss")
+    ax_acc.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    if not curves.empty:
+        ax_acc.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Best trials and the tutorial's baseline (challenge: train loss below test loss and falling over the last {window} epochs)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_progress(progress: pd.DataFrame, path: Path, objective: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=DPI)
+    for status, group in progress.groupby("status"):
+        marker, colour = STATUS_STYLE.get(status, ("o", "tab:purple"))
+        ax.scatter(group["number"], group["objective"], marker=marker, color=colour, s=45, label=status, zorder=3)
+    ax.step(progress["number"], progress["best_so_far"], where="post", color="tab:green", lw=2, label="best so far")
+    missing = progress[progress["objective"].isna()]
+    for number in missing["number"]:
+        ax.axvline(number, color="black", alpha=0.2, lw=1)
+    baseline = progress[progress["baseline"]]
+    for _, row in baseline.iterrows():
+        ax.annotate("tutorial baseline", (row["number"], row["objective"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    unit = " (test accuracy + 1 if the challenge is met)" if objective == "challenge" else ""
+    ax.set(title="Search progress: objective of each trial, in order", xlabel="trial number", ylabel=f"{objective}{unit}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_what_mattered(lrs: pd.DataFrame, study: Any, path: Path) -> None:
+    plt = _pyplot()
+    fig, (ax_lr, ax_imp) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=DPI, gridspec_kw={"width_ratios": [3, 2]})
+    colours = plt.get_cmap("tab10")
+    sizes = sorted(lrs["batch_size"].unique()) if not lrs.empty else []
+    for i, size in enumerate(sizes):
+        group = lrs[lrs["batch_size"] == size]
+        ax_lr.scatter(group["lr"], 100 * group["test_accuracy"], color=colours(i % 10), s=45, label=f"batch {size}", edgecolor="black", lw=0.5)
+    ax_lr.set_xscale("log")
+    ax_lr.set(title="Final test accuracy against learning rate", xlabel="learning rate (log scale)", ylabel="test accuracy (%)")
+    ax_lr.grid(alpha=0.3, which="both")
+    if sizes:
+        ax_lr.legend(fontsize=8)
+    values = importances(study)
+    if values:
+        import optuna
+        from optuna.importance import PedAnovaImportanceEvaluator
+
+        import matplotlib
+
+        with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna switches the global style
+            warnings.simplefilter("ignore")
+            drawn = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+        # Optuna draws on its own figure: move its bars onto ours, keeping Optuna's numbers.
+        names = [t.get_text() for t in drawn.get_yticklabels()]
+        widths = [p.get_width() for p in drawn.patches]
+        plt.close(drawn.figure)
+        ax_imp.barh(names, widths, color="tab:blue")
+        ax_imp.set_title("Parameter importances (Optuna, PED-ANOVA)", fontsize=11)
+        ax_imp.set_xlabel("importance for the objective (share of 1)")
+    else:
+        ax_imp.text(0.5, 0.5, "too few completed trials\nfor parameter importances", ha="center", va="center", transform=ax_imp.transAxes)
+        ax_imp.set(title="Parameter importances (Optuna)", xticks=[], yticks=[])
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
+    met = trials_df[trials_df["challenge_met"] == True]  # noqa: E712 - NaN for trials without epochs
+    best = top_trials(trials_df, meta["mode"], 1)
+    baseline = trials_df[trials_df["baseline"]]
+    lines = []
+    if len(met):
+        lines.append(f"<p class='yes'><b>Challenge met</b> by {len(met)} of {len(trials_df)} trials: train loss below test loss and still falling over the last {meta['challenge_window']} epochs.</p>")
+    else:
+        lines.append(f"<p class='no'><b>Challenge not met</b> by any of the {len(trials_df)} trials.</p>")
+    for _, t in best.iterrows():
+        crossing = f", train below test since epoch {int(t['crossing_epoch'])}" if pd.notna(t["crossing_epoch"]) else ""
+        lines.append(
+            f"<p>Best: trial {t['number']} &mdash; test accuracy <b>{100 * t['test_accuracy']:.1f}%</b>, "
+            f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}{crossing} ({html.escape(fmt_params(t.to_dict()))}).</p>"
+        )
+    for _, t in baseline.iterrows():
+        if pd.isna(t["test_accuracy"]):
+            continue
+        met_text = "meets" if t["challenge_met"] == True else "does not meet"  # noqa: E712
+        lines.append(f"<p>Tutorial baseline (trial {t['number']}): test accuracy {100 * t['test_accuracy']:.1f}%, "
+                     f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}: {met_text} the challenge.</p>")
+    return "\n".join(lines)
+
+
+SORT_SCRIPT = """
+document.querySelectorAll('table.trials th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+  const key = r => { const t = r.cells[col].innerText; const n = parseFloat(t); return isNaN(n) ? t : n; };
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1)).forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, figures: dict[str, bytes]) -> str:
+    best_config = exp_dir / export_mod.BEST_CONFIG
+    config_text = best_config.read_text() if best_config.exists() else "(no trial produced a result)"
+    shown = trials_df.drop(columns=["trial", "train_below_test", "still_decreasing"]).sort_values("objective", ascending=meta["mode"] == "min", na_position="last")
+    table_html = shown.to_html(index=False, classes="trials", float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
+    confirm_html = ""
+    confirm_file = exp_dir / CONFIRM_FILE
+    if confirm_file.exists():
+        rows = read_confirm(confirm_file)
+        confirm_html = f"<h2>Confirmed with new seeds</h2><p>The best configuration re-trained: {html.escape(describe(rows))}.</p>" + pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    images = "\n".join(
+        f"<figure><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></figure>" for name, data in figures.items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(meta['name'])}: hyperparameter search</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1250px; margin: 2em auto; padding: 0 1em; color: #222; }}
+.yes {{ color: #176117; font-size: 1.15em; }} .no {{ color: #a11; font-size: 1.15em; }}
+pre {{ background: #f5f5f5; padding: 0.8em; overflow-x: auto; }} img {{ max-width: 100%; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }} th, td {{ padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; text-align: right; }}
+th {{ cursor: pointer; background: #f0f0f0; position: sticky; top: 0; }}
+</style></head><body>
+<h1>Search {html.escape(meta['name'])}</h1>
+{verdict_html(meta, trials_df)}
+<h2>Best configuration</h2>
+<pre>{html.escape(config_text)}</pre>
+{confirm_html}
+<h2>Figures</h2>
+{images}
+<h2>Trials</h2>
+<p>Objective: <code>{html.escape(meta['objective'])}</code> ({meta['mode']}). Click a column to sort.</p>
+{table_html}
+<h2>Command</h2>
+<pre>{html.escape(meta.get('command', ''))}</pre>
+<p>Search space: {html.escape(', '.join(f'{k} {v}' for k, v in meta.get('space', {}).items()))}</p>
+<script>{SORT_SCRIPT}</script>
+</body></html>
+"""
+
+
+def write_report(exp_dir: str | Path, top: int = 5) -> Path:
+    """Draw the figures and write index.html into exp_dir/report/; returns the page's path."""
+    exp_dir = Path(exp_dir)
+    meta, trials_df, epochs_df = read_tables(exp_dir)
+    out = exp_dir / "report"
+    out.mkdir(exist_ok=True)
+    study = load_study(exp_dir)
+    plot_learning_curves(curves_table(trials_df, epochs_df, meta["mode"], top), out / FIGURES[0], meta["challenge_window"])
+    plot_progress(progress_table(trials_df, meta["mode"]), out / FIGURES[1], meta["objective"])
+    plot_what_mattered(lr_table(trials_df), study, out / FIGURES[2])
+    figures = {name: (out / name).read_bytes() for name in FIGURES}
+    page = out / "index.html"
+    atomic_write_text(page, index_html(exp_dir, meta, trials_df, figures))
+    return page
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Plots and an HTML summary from an experiment folder (no Ray needed).")
+    p.add_argument("experiment", help="the experiment folder, results/<name>")
+    p.add_argument("--top", type=positive_int, default=5, help="trials drawn in the learning curves (default 5)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        page = write_report(args.experiment, top=args.top)
+    except export_mod.ExperimentError as exc:
+        return fail(PROG, str(exc))
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
