@@ -119,3 +119,62 @@ def test_experiment_json_records_the_command(cli, tmp_path):
     meta = json.loads((tmp_path / "results" / "exp" / "experiment.json").read_text())
     assert meta["status"] == "finished" and meta["samples"] == 1
     assert meta["command"].startswith("python tuning/search.py ") and "--name exp" in meta["command"]
+
+
+CHALLENGE_SPACE = """
+lr: {low: 0.01, high: 0.03, log: true}
+batch_size: [128]
+epochs: 8
+optimizer: [nesterov]
+momentum: 0.9
+"""
+
+
+def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp_path):
+    status, out, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, CHALLENGE_SPACE), "--no-early-stop", "--confirm-seeds", "1")
+    assert status == 0, err
+    exp = tmp_path / "results" / "exp"
+    trials = pd.read_csv(exp / "trials.csv")
+    baseline = trials[trials["baseline"]].iloc[0]
+    assert baseline["epochs"] == 10 and baseline["lr"] == 1e-3  # the tutorial's run, not the space's 8 epochs
+    assert not baseline["challenge_met"] and baseline["train_loss"] >= baseline["test_loss"]
+    best = trials.sort_values("objective", ascending=False).iloc[0]
+    assert best["challenge_met"] and not best["baseline"] and best["train_loss"] < best["test_loss"]
+    assert "Challenge (train loss below test loss and still falling): met by" in out
+    assert "(the tutorial's configuration)" in out and "challenge not met (train_loss >= test_loss)" in out
+    assert best_config_header(exp).startswith("# Best trial of experiment exp")
+    # --confirm-seeds: the winner re-trained with a new seed, written beside best_config.yaml
+    confirm = pd.read_csv(exp / "confirm.csv")
+    assert confirm["seed"].tolist() == [43] and "Confirmation: 1 new seeds" in out
+    # ... and the report drawn from it all
+    page = (exp / "report" / "index.html").read_text()
+    assert "Challenge met</b>" in page and "Confirmed with new seeds" in page
+    assert all((exp / "report" / f).exists() for f in ("learning_curves.png", "progress.png", "what_mattered.png"))
+
+
+def best_config_header(exp) -> str:
+    return (exp / "best_config.yaml").read_text()
+
+
+def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path):
+    space = "lr: {low: 0.01, high: 0.03}\nbatch_size: [32]\nepochs: 30\noptimizer: [sgd]\n"
+    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline", "--time-budget", "12")
+    assert status == 0, err
+    trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
+    assert 1 <= len(trials) < 50 and "Time budget of 12 s reached" in out
+    meta = json.loads((tmp_path / "results" / "exp" / "experiment.json").read_text())
+    assert meta["status"] == "finished"
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc"])
+def test_every_sampler_can_search_the_default_space(sampler):
+    from tuning.search import make_sampler
+    from tuning.space import default_space
+
+    space = default_space()
+    study = optuna.create_study(sampler=make_sampler(sampler, seed=0), direction="maximize")
+    for _ in range(8):  # past the samplers' start-up trials
+        trial = study.ask(space.distributions)
+        study.tell(trial, -abs(trial.params["lr"] - 0.02))
+    assert len(study.trials) == 8
+    assert all(space.distributions["lr"].low <= t.params["lr"] <= space.distributions["lr"].high for t in study.trials)

@@ -64,3 +64,13 @@ def test_module_runs_as_a_script():
     result = subprocess.run([sys.executable, "-m", "trainable", "--data", "synthetic", "--epochs", "1"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Epoch   1/1" in result.stdout
+
+
+def test_seeds_retrains_with_new_seeds_and_writes_confirm_csv(tmp_path, capsys):
+    path = tmp_path / "best_config.yaml"
+    TrainConfig(lr=0.02, epochs=2, optimizer="nesterov", momentum=0.9, batch_size=128, data="synthetic", seed=7).save(path)
+    assert main(["--config", str(path), "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 8:" in out and "seed 9:" in out and "Confirmation: 2 new seeds; test_accuracy" in out and "±" in out
+    lines = (tmp_path / "confirm.csv").read_text().splitlines()
+    assert lines[0].startswith("seed,") and [line.split(",")[0] for line in lines[1:]] == ["8", "9"]

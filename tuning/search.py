@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,9 +195,9 @@ def _check_writable(folder: Path) -> None:
 
 
 def baseline_params(space: Space) -> dict[str, Any]:
-    """The tutorial's values for every parameter the space searches."""
+    """The tutorial's values for every parameter the space names, searched or fixed."""
     tutorial = TrainConfig()
-    return {name: getattr(tutorial, name) for name in space.distributions}
+    return {name: getattr(tutorial, name) for name in space.names}
 
 
 # --- Ray ----------------------------------------------------------------------------------
@@ -255,7 +256,9 @@ def make_sampler(name: str, seed: int):  # noqa: ANN201 - an optuna sampler
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=6, warn_independent_sampling=False)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
-    return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
 
 
 def release_stale_optuna_trials(storage_url: str, study_name: str) -> int:
@@ -316,7 +319,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         storage=optuna.storages.RDBStorage(storage_url),
     )
     searcher = FixedFirst(optuna_search, fixed, metric="objective", mode=meta["mode"])
-    max_epochs = max(_max_epochs(space, base), 1)
+    max_epochs = max([_max_epochs(space, base), *(TrainConfig().epochs for c in fixed if c.get(BASELINE))])
     if args.no_early_stop:
         scheduler = FIFOScheduler()
     else:
@@ -405,6 +408,9 @@ def summarize(plan: Plan, all_trials: list[TrialRecord], wall: float, res: dict[
     for t in all_trials:
         if t.baseline:
             print(f"Baseline  trial {t.number:>2} (the tutorial's configuration): {fmt_result(t)}; {verdict_text(t, window)}")
+    for t in all_trials:
+        if t.status == ERRORED:
+            print(f"Errored   trial {t.number:>2} ({t.trial}): {t.error}")
     table = export_mod.trials_table(all_trials)
     if not table.empty:
         ascending = meta["mode"] == "min"

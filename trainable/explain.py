@@ -1,0 +1,97 @@
+"""python -m trainable.explain: why the tutorial saw its test loss below its train loss.
+
+Trains the tutorial's configuration exactly as the tutorial does (no shuffling, batch 64, SGD lr
+1e-3, seed 42) and prints, per epoch, four numbers the tutorial conflates:
+
+- the loss of the epoch's last batch: what the tutorial prints as its train loss (50,000 is not a
+  multiple of 64, so that batch holds 16 images);
+- the mean loss over all training samples of the epoch, measured while the weights were moving;
+- the train loss measured after the epoch, with the epoch's final weights;
+- the test loss, also measured after the epoch.
+
+With --config (e.g. a search's best_config.yaml) the same table follows for that configuration,
+trained as `python -m trainable` trains it.
+
+    python -m trainable.explain --data data/cifar10-jpeg --config results/example/best_config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainable.cli import OneLineParser, fail
+from trainable.config import ConfigError, TrainConfig
+from trainable.data import DataError, Dataset, load_dataset
+from trainable.fit import Trainer
+from trainable.loops import autocast, evaluate
+
+PROG = "python -m trainable.explain"
+
+
+def tutorial_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, Any]]:
+    """The tutorial's loop (in order, no shuffling), with the extra measurements."""
+    trainer = Trainer(config, data, device="cpu")
+    images, labels = trainer.train_images, trainer.train_labels
+    n = len(labels)
+    for epoch in range(1, config.epochs + 1):
+        trainer.model.train()
+        total = 0.0
+        for start in range(0, n, config.batch_size):
+            x = images[start : start + config.batch_size].float().div_(255)
+            y = labels[start : start + config.batch_size]
+            with autocast(trainer.device, trainer.amp_dtype):
+                loss = F.cross_entropy(trainer.model(x), y)
+            loss.backward()
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+            total += loss.item() * len(y)
+        yield row(epoch, trainer, last_batch=(loss.item(), len(y)), epoch_mean=total / n)
+
+
+def our_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, Any]]:
+    trainer = Trainer(config, data, device="cpu")
+    for metrics in trainer.run():
+        yield row(metrics["epoch"], trainer, last_batch=None, epoch_mean=metrics["train_loss"])
+
+
+def row(epoch: int, trainer: Trainer, last_batch: tuple[float, int] | None, epoch_mean: float) -> dict[str, Any]:
+    after_train, _ = evaluate(trainer.model, trainer.train_images, trainer.train_labels, autocast_dtype=trainer.amp_dtype)
+    test_loss, test_accuracy = evaluate(trainer.model, trainer.test_images, trainer.test_labels, autocast_dtype=trainer.amp_dtype)
+    return {"epoch": epoch, "last_batch": last_batch, "epoch_mean": epoch_mean, "after_epoch": after_train, "test_loss": test_loss, "test_accuracy": test_accuracy}
+
+
+def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
+    print(title)
+    print("epoch  last-batch loss (images)  epoch-mean train loss  train loss after epoch  test loss  test accuracy")
+    for r in rows:
+        last = f"{r['last_batch'][0]:.4f} ({r['last_batch'][1]})" if r["last_batch"] else "-"
+        print(f"{r['epoch']:>5}  {last:>24}  {r['epoch_mean']:>21.4f}  {r['after_epoch']:>22.4f}  {r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>12.1f}%", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = OneLineParser(prog=PROG, description="The tutorial's train/test loss puzzle, measured.")
+    p.add_argument("--data", default="cifar10", help="cifar10 (default), synthetic or an image folder")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--cache-dir")
+    p.add_argument("--config", metavar="YAML", help="also explain this configuration (e.g. a search's best_config.yaml)")
+    args = p.parse_args(argv)
+    try:
+        other = TrainConfig.load(args.config) if args.config else None
+        data = load_dataset(args.data, args.data_root, cache_dir=args.cache_dir)
+    except (ConfigError, DataError) as exc:
+        return fail(PROG, str(exc))
+    print_table("The tutorial's configuration, trained as the tutorial does (no shuffling):", tutorial_epochs(data, TrainConfig()))
+    if other is not None:
+        print()
+        print_table(f"{args.config} ({other.optimizer}, lr {other.lr:g}, batch {other.batch_size}, {other.schedule} schedule):", our_epochs(data, other))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
