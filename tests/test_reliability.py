@@ -247,3 +247,16 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     assert status == 0, err
     assert f"Resuming r: {len(before)} trials done" in out
     check_resumed(exp, before, checkpointed, samples=6)
+
+
+@pytest.mark.slow
+def test_200_tiny_trials_are_all_accounted_for_and_driver_memory_stays_flat(tmp_path):
+    from tuning.loadtest import run as load
+
+    status, rss, log = load(200, 2, tmp_path)
+    assert status == 0, log[-2000:]
+    table = pd.read_csv(tmp_path / "load" / "trials.csv")
+    assert len(table) == 200 and table["trial"].is_unique and set(table["status"]) == {"finished"}
+    early = next(r for n, r in rss if n >= 50)
+    # Every trial gets the data through Ray's object store: a copy per trial would add GBs here.
+    assert max(r for _, r in rss) - early < 150, rss

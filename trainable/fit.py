@@ -69,6 +69,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    # foreach: one kernel per step for all parameters (torch picks it only on CUDA by default)
     if config.optimizer in ("sgd", "nesterov"):
         return torch.optim.SGD(
             params,
@@ -76,9 +77,10 @@ def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
             momentum=config.momentum,
             nesterov=config.optimizer == "nesterov",
             weight_decay=config.weight_decay,
+            foreach=True,
         )
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
 def epoch_lr(config: TrainConfig, epoch: int) -> float:

@@ -25,9 +25,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = images.index_select(0, idx).float().div_(255)  # uint8 -> [0, 1], like ToTensor
-    return x, labels.index_select(0, idx)
+def to_unit(pixels: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """uint8 -> [0, 1], like ToTensor. Under bf16 autocast the first layer would cast its fp32
+    input to bf16 anyway, so the batch is made bf16 directly (0..255 are exact in bf16)."""
+    return pixels.to(dtype or torch.float32).div_(255)
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_unit(images.index_select(0, idx), dtype), labels.index_select(0, idx)
 
 
 def train_epoch(
@@ -52,7 +57,7 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     model.train()
     for step, start in enumerate(range(0, n, batch_size), start=1):
-        x, y = _batch(images, labels, order[start : start + batch_size])
+        x, y = _batch(images, labels, order[start : start + batch_size], autocast_dtype)
         with autocast(device, autocast_dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -82,7 +87,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     model.eval()
     for start in range(0, n, batch_size):
-        x = images[start : start + batch_size].float().div_(255)
+        x = to_unit(images[start : start + batch_size], autocast_dtype)
         y = labels[start : start + batch_size]
         with autocast(device, autocast_dtype):
             logits = model(x)

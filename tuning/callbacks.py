@@ -20,7 +20,7 @@ from trainable.config import TrainConfig
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result
 from tuning.journal import Journal, trials
-from tuning.searcher import BASELINE, CONTINUES, hyperparameters
+from tuning.searcher import BASELINE, CONTINUES, FixedFirst, hyperparameters
 
 
 def _guarded(hook: Callable) -> Callable:
@@ -41,6 +41,7 @@ class ExperimentCallback(tune.Callback):
         journal: Journal,
         *,
         base: TrainConfig,
+        searcher: FixedFirst,
         samples: int,
         mode: str,
         metrics: Sequence[str],
@@ -48,6 +49,7 @@ class ExperimentCallback(tune.Callback):
         self.exp_dir = exp_dir
         self.journal = journal
         self.base = base
+        self.searcher = searcher
         self.samples = samples
         self.mode = mode
         self.metrics = tuple(metrics)
@@ -63,6 +65,8 @@ class ExperimentCallback(tune.Callback):
         record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": config}
         if trial.config.get(CONTINUES):
             record["continues"] = trial.config[CONTINUES]
+        elif trial.trial_id in self.searcher.numbers:
+            record["number"] = self.searcher.numbers[trial.trial_id]
         if trial.config.get(BASELINE):
             record["baseline"] = True
         self.journal.append("trial", **record)

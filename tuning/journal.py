@@ -5,7 +5,7 @@ searcher state is pickled separately from the Optuna study, so after a hard kill
 `Tuner.restore` can find neither. Instead, the driver appends one JSON line per event to
 ``results/<name>/journal.jsonl`` the moment it happens (flushed and fsynced):
 
-    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}
+    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}  (at its start)
     {"event": "epoch", "trial": id, "epoch": 3, "train_loss": ..., "objective": ..., ...}
     {"event": "checkpoint", "trial": id, "epoch": 3, "path": ...}
     {"event": "end", "trial": id, "error": null | "message"}
@@ -119,7 +119,7 @@ def trials(records: list[dict[str, Any]]) -> list[TrialRecord]:
                 continue
             by_id[r["trial"]] = TrialRecord(
                 trial=r["trial"],
-                number=len(by_id) + 1,
+                number=r.get("number", len(by_id) + 1),
                 params=r["params"],
                 config=r["config"],
                 baseline=bool(r.get("baseline")),
@@ -137,4 +137,4 @@ def trials(records: list[dict[str, Any]]) -> list[TrialRecord]:
             trial.checkpoint, trial.checkpoint_epoch = r["path"], r["epoch"]
         elif event == "end":
             trial.ended, trial.error, trial.finished_at = True, r.get("error"), r["time"]
-    return list(by_id.values())
+    return sorted(by_id.values(), key=lambda t: t.number)

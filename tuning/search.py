@@ -306,7 +306,8 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         fixed.append({**baseline_params(space), BASELINE: True})
     attempt = 1 + sum(1 for r in journal.read() if r.get("event") == "attempt")
     storage_url = f"sqlite:///{plan.exp_dir / 'optuna.db'}"
-    release_stale_optuna_trials(storage_url, meta["name"])
+    if (plan.exp_dir / "optuna.db").exists():
+        release_stale_optuna_trials(storage_url, meta["name"])
     import optuna
 
     optuna_search = OptunaSearch(
@@ -318,7 +319,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         study_name=meta["name"],
         storage=optuna.storages.RDBStorage(storage_url),
     )
-    searcher = FixedFirst(optuna_search, fixed, metric="objective", mode=meta["mode"])
+    searcher = FixedFirst(optuna_search, fixed, metric="objective", mode=meta["mode"], first_number=len(existing) + 1)
     max_epochs = max([_max_epochs(space, base), *(TrainConfig().epochs for c in fixed if c.get(BASELINE))])
     if args.no_early_stop:
         scheduler = FIFOScheduler()
@@ -346,6 +347,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         plan.exp_dir,
         journal,
         base=base,
+        searcher=searcher,
         samples=meta["samples"],
         mode=meta["mode"],
         metrics=(*METRICS, "objective"),

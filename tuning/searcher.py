@@ -24,11 +24,15 @@ def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class FixedFirst(Searcher):
-    def __init__(self, inner: Searcher, fixed: list[dict[str, Any]], metric: str, mode: str) -> None:
+    def __init__(self, inner: Searcher, fixed: list[dict[str, Any]], metric: str, mode: str, first_number: int = 1) -> None:
         super().__init__(metric=metric, mode=mode)
         self.inner = inner
         self.queue = list(fixed)
         self.fixed_trials: dict[str, dict[str, Any]] = {}
+        # Trial numbers in the order configurations were handed out (actors may start in
+        # another order); a continuation keeps the number of the trial it continues.
+        self.numbers: dict[str, int] = {}
+        self.next_number = first_number
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return self.inner.set_search_properties(metric, mode, config, **spec)
@@ -37,8 +41,12 @@ class FixedFirst(Searcher):
         if self.queue:
             config = self.queue.pop(0)
             self.fixed_trials[trial_id] = config
-            return dict(config)
-        return self.inner.suggest(trial_id)
+        else:
+            config = self.inner.suggest(trial_id)
+        if isinstance(config, dict) and CONTINUES not in config:
+            self.numbers[trial_id] = self.next_number
+            self.next_number += 1
+        return dict(config) if isinstance(config, dict) else config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self.fixed_trials:
