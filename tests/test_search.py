@@ -72,14 +72,17 @@ def test_custom_space_is_honoured_and_random_sampler_works(cli, tmp_path):
     assert len(set(trials["lr"])) == 3  # sampled, not repeated
 
 
-def test_baseline_runs_first_and_is_marked(cli, tmp_path):
-    space = "lr: {low: 1.0e-4, high: 0.1, log: true}\nbatch_size: [64, 128]\nepochs: 2\n"
-    status, out, err = run(cli, tmp_path, "--samples", "2", "--space", space_file(tmp_path, space))
+def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
+    # ASHA from epoch 1 on, keeping half: the baseline is the worst trial, yet it runs to the end
+    space = "lr: {low: 0.01, high: 0.03, log: true}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n"
+    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--grace-period", "1", "--reduction-factor", "2")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     baseline = trials[trials["baseline"]]
     assert len(baseline) == 1 and baseline.iloc[0]["number"] == 1
-    assert (baseline.iloc[0]["lr"], baseline.iloc[0]["batch_size"], baseline.iloc[0]["optimizer"]) == (1e-3, 64, "sgd")
+    row = baseline.iloc[0]
+    assert (row["lr"], row["batch_size"], row["optimizer"], row["epochs"]) == (1e-3, 64, "sgd", 10)
+    assert row["epochs_run"] == 10 and row["status"] == "finished"
     assert "Baseline  trial  1" in out
 
 

@@ -280,13 +280,13 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
     """Run the trials the experiment still needs; returns 'finished' or 'budget'."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from trainable.fit import METRICS
     from trainable.ray_trainable import FAULT_ENV, train_trial
     from tuning.callbacks import ExperimentCallback
-    from tuning.searcher import BASELINE, CONTINUES, FixedFirst
+    from tuning.searcher import BASELINE, CONTINUES, ASHAKeepingBaseline, FixedFirst
 
     meta, space = plan.meta, plan.space
     base = trial_config(plan.base, space, {})  # the base with the space's fixed values
@@ -324,7 +324,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
     if args.no_early_stop:
         scheduler = FIFOScheduler()
     else:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=min(args.grace_period, max_epochs), reduction_factor=args.reduction_factor)
+        scheduler = ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs, grace_period=min(args.grace_period, max_epochs), reduction_factor=args.reduction_factor)
     threads = max(1, math.floor(res["cpu"]))
     # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
     slots = res["cluster_cpus"] / res["cpu"]

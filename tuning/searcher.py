@@ -1,4 +1,5 @@
-"""FixedFirst: a Ray Tune searcher that hands out fixed configurations before asking Optuna.
+"""FixedFirst: a Ray Tune searcher that hands out fixed configurations before asking Optuna;
+and ASHA that lets the baseline run to the end.
 
 The fixed ones are the tutorial's baseline and, when a search resumes, the trials an interruption
 cut short (each tagged with the id of the trial it continues, so the trainable loads that trial's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 CONTINUES = "__continues__"  # config key: id of the interrupted trial this one continues
@@ -69,3 +71,12 @@ class FixedFirst(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         pass
+
+
+class ASHAKeepingBaseline(ASHAScheduler):
+    """ASHA that never stops the baseline: the tutorial's run is there to be compared with in
+    full (its results still enter ASHA's rungs, so other trials are judged against it)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if trial.config.get(BASELINE) and decision == TrialScheduler.STOP else decision
