@@ -74,3 +74,7 @@ def test_seeds_retrains_with_new_seeds_and_writes_confirm_csv(tmp_path, capsys):
     assert "seed 8:" in out and "seed 9:" in out and "Confirmation: 2 new seeds; test_accuracy" in out and "±" in out
     lines = (tmp_path / "confirm.csv").read_text().splitlines()
     assert lines[0].startswith("seed,") and [line.split(",")[0] for line in lines[1:]] == ["8", "9"]
+    # a second confirmation never overwrites the first
+    assert main(["--config", str(path), "--seeds", "1"]) == 0
+    assert (tmp_path / "confirm.csv").read_text().splitlines() == lines
+    assert (tmp_path / "confirm-2.csv").read_text().splitlines()[1].startswith("8,")

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
     o.add_argument("--json", action="store_true", help="print one JSON object per epoch instead of text")
-    o.add_argument("--seeds", type=positive_int, metavar="N", help="instead: re-train with N new seeds (seed+1 .. seed+N) and report mean ± std of the final metrics; writes confirm.csv beside --config")
+    o.add_argument("--seeds", type=positive_int, metavar="N", help="instead: re-train with N new seeds (seed+1 .. seed+N) and report mean ± std of the final metrics; writes confirm.csv beside --config (confirm-2.csv ... if taken)")
     return p
 
 
@@ -87,6 +87,16 @@ def format_verdict(m: dict[str, Any], window: int) -> str:
     return f"Challenge: {met} (train_loss {m['train_loss']:.4f} {relation} test_loss {m['test_loss']:.4f}{crossing}; train loss {falling})"
 
 
+def free_path(path: Path) -> Path:
+    """`path`, or path-2, path-3 ... if it exists: earlier results are never overwritten."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Dataset, device: torch.device) -> int:
     def show(row: dict[str, Any]) -> None:
         if args.json:
@@ -99,7 +109,7 @@ def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Dataset, devi
     if not args.json:
         print(f"Confirmation: {describe(rows)}")
     if args.config:
-        path = Path(args.config).resolve().parent / CONFIRM_FILE
+        path = free_path(Path(args.config).resolve().parent / CONFIRM_FILE)
         write_confirm(path, rows)
         if not args.json:
             print(f"wrote {path}")
