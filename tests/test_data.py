@@ -15,7 +15,6 @@ import pytest
 from tests.fixtures import (
     CLASSES,
     cifar10_batches,
-    md5,
     patch_cifar10_checksums,
     serve_directory,
     write_cifar10_archive,

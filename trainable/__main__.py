@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from trainable import challenge
-from trainable.cli import OneLineParser, dumps, fail, non_negative_int, positive_int
+from trainable.cli import OneLineParser, dumps, fail, positive_int
 from trainable.config import OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
 from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
 from trainable.data import DataError, Dataset, load_dataset

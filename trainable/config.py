@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from trainable.fileio import atomic_write_text
+from trainable.fileio import atomic_write_text, read_yaml
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -105,15 +105,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        values = read_yaml(path, ConfigError)
         if values is None:
             values = {}
         try:
@@ -152,9 +144,3 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise NotImplementedError(f"{key}: {hint}")
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}" if mark is not None else problem

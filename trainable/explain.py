@@ -17,7 +17,6 @@ trained as `python -m trainable` trains it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any

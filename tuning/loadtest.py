@@ -9,7 +9,6 @@ resident memory (VmRSS) while it runs, and checks trials.csv at the end.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile

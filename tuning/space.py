@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna.distributions as od
-import yaml
 
 from trainable.config import OPTIMIZERS, ConfigError, TrainConfig
+from trainable.fileio import read_yaml
 
 SEARCHABLE = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
 INT_FIELDS = ("batch_size", "epochs")
@@ -86,18 +86,7 @@ def parse_space(spec: Any, source: str = "space") -> Space:
 
 
 def load_space(path: str | Path) -> Space:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpaceError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpaceError(f"{path}: not valid YAML ({getattr(exc, 'problem', None) or exc}{where})") from None
-    return parse_space(spec, str(path))
+    return parse_space(read_yaml(path, SpaceError), str(path))
 
 
 def default_space(smoke_test: bool = False) -> Space:
