@@ -92,7 +92,7 @@ class ExperimentCallback(tune.Callback):
 
     def _ended(self, trial_id: str) -> None:
         all_trials = trials(self.journal.read())
-        export_mod.export(self.exp_dir)  # the CSV files stay current while the search runs
+        export_mod.export(self.exp_dir, all_trials)  # the CSV files stay current while the search runs
         this = next((t for t in all_trials if t.trial == trial_id or trial_id in t.aliases), None)
         if this is None:
             return

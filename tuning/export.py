@@ -124,10 +124,15 @@ def _verdict_line(last: dict[str, Any], window: int) -> str:
     return f"challenge not met: train_below_test={last.get('train_below_test')}, still_decreasing={last.get('still_decreasing')}"
 
 
-def export(exp_dir: str | Path) -> dict[str, Path]:
-    """Write trials.csv, epochs.csv and best_config.yaml (each atomically); returns their paths."""
+def export(exp_dir: str | Path, all_trials: Sequence[TrialRecord] | None = None) -> dict[str, Path]:
+    """Write trials.csv, epochs.csv and best_config.yaml (each atomically); returns their paths.
+
+    `all_trials`: the journal's trials if the caller has just read them.
+    """
     exp_dir = Path(exp_dir)
-    meta, all_trials = load_trials(exp_dir)
+    meta = read_experiment(exp_dir)
+    if all_trials is None:
+        all_trials = trials(Journal(exp_dir).read())
     paths = {"trials": exp_dir / TRIALS_CSV, "epochs": exp_dir / EPOCHS_CSV}
     atomic_write_text(paths["trials"], trials_table(all_trials).to_csv(index=False))
     atomic_write_text(paths["epochs"], epochs_table(all_trials).to_csv(index=False))
