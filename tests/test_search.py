@@ -62,10 +62,14 @@ def test_search_writes_consistent_outputs(cli, tmp_path):
     assert "trials.csv" in out and "best_config.yaml" in out
 
 
-def test_custom_space_is_honoured_and_random_sampler_works(cli, tmp_path):
+def test_custom_space_random_sampler_and_storage_are_honoured(cli, tmp_path):
     space = "lr: {low: 0.01, high: 0.02}\nbatch_size: [256]\nepochs: 2\noptimizer: [adam]\n"
-    status, _, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, space), "--sampler", "random", "--no-baseline")
+    storage = tmp_path / "shared-storage"
+    status, _, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, space), "--sampler", "random", "--no-baseline", "--storage", str(storage))
     assert status == 0, err
+    # Ray's checkpoints went to --storage, in a folder of this experiment's own
+    assert len(list((storage / "exp" / "attempt-1").glob("*/checkpoint_*/state.pt"))) == 3
+    assert not (tmp_path / "results" / "exp" / "ray").exists()
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     assert len(trials) == 3
     assert trials["lr"].between(0.01, 0.02).all() and set(trials["batch_size"]) == {256} and set(trials["optimizer"]) == {"adam"}

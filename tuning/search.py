@@ -366,7 +366,8 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         ),
         run_config=tune.RunConfig(
             name=f"attempt-{attempt}",
-            storage_path=args.storage or str(plan.exp_dir / "ray"),
+            # one folder per experiment under a shared --storage, as under results/<name>/ray
+            storage_path=f"{args.storage.rstrip('/')}/{meta['name']}" if args.storage else str(plan.exp_dir / "ray"),
             callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
