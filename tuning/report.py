@@ -157,8 +157,11 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path, window: int) -> None:
             ax_loss.plot(at["epoch"], at["train_loss"], "o", color=colour, ms=8, mfc="white", mew=2)
     ax_loss.set(title="Loss per epoch (solid: test, dashed: train; ○ train falls below test)", xlabel="epoch", ylabel="cross-entropy loss")
     ax_acc.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if not curves.empty:
         ax_acc.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Best trials and the tutorial's baseline (challenge: train loss below test loss and falling over the last {window} epochs)", fontsize=10)
@@ -181,6 +184,9 @@ def plot_progress(progress: pd.DataFrame, path: Path, objective: str) -> None:
         ax.annotate("tutorial baseline", (row["number"], row["objective"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
     unit = " (test accuracy + 1 if the challenge is met)" if objective == "challenge" else ""
     ax.set(title="Search progress: objective of each trial, in order", xlabel="trial number", ylabel=f"{objective}{unit}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
