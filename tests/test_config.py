@@ -49,6 +49,12 @@ def test_bad_yaml_names_the_key(tmp_path, text, message):
     assert str(path) in str(info.value)
 
 
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5e-4\n")  # YAML 1.1 reads these as strings
+    assert (TrainConfig.load(path).lr, TrainConfig.load(path).weight_decay) == (1e-3, 5e-4)
+
+
 def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = TrainConfig(data="imgs", data_root="data").resolved_paths()

@@ -55,6 +55,9 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--config", "@badkey"], "learning_rate: unknown key"),
         (["--config", "@badtype"], "batch_size: expected an integer, got 'big'"),
         (["--data", "/no/such/folder"], "/no/such/folder: no such folder"),
+        (["--address", "ray://head:10001"], "--address ray://...: Ray Client runs Tune on the head node"),
+        (["--config", "@nesterov", "--space", "@momentum0"], "momentum: nesterov needs momentum > 0"),
+        (["--config", "@nesterov", "--space", "@lrrange"], "the tutorial's baseline is not a valid configuration over this base"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
@@ -65,6 +68,9 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
         "@logzero": write(tmp_path, "d.yaml", "weight_decay: {low: 0, high: 0.1, log: true}\n"),
         "@badkey": write(tmp_path, "e.yaml", "learning_rate: 0.1\n"),
         "@badtype": write(tmp_path, "f.yaml", "batch_size: big\n"),
+        "@nesterov": write(tmp_path, "g.yaml", "optimizer: nesterov\nmomentum: 0.9\n"),
+        "@momentum0": write(tmp_path, "h.yaml", "lr: [0.01]\nmomentum: 0.0\n"),
+        "@lrrange": write(tmp_path, "i.yaml", "momentum: {low: 0.5, high: 0.9}\n"),
     }
     argv = ["--results-dir", str(tmp_path / "results"), "--name", "x", "--data", "synthetic", *[files.get(a, a) for a in extra]]
     status, out, err = cli(search, argv)
@@ -94,6 +100,17 @@ def test_cifar10_offline_without_a_copy_is_one_line_exit_2(cli, tmp_path, monkey
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     status, _, err = cli(search, ["--results-dir", str(tmp_path / "results"), "--data-root", str(tmp_path / "data")])
     assert status == 2 and "CIFAR-10 is not in" in err and "--data PATH" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_search_of_the_same_experiment_is_refused(cli, tmp_path):
+    from filelock import FileLock
+
+    results = tmp_path / "results"
+    results.mkdir()
+    with FileLock(str(results / ".busy.lock")):  # what a running search holds
+        status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(results), "--name", "busy"])
+    assert status == 2 and "another search is running experiment" in err and len(err.strip().splitlines()) == 1
+    assert not (results / "busy").exists()
 
 
 def test_unwritable_results_directory_is_one_line_exit_2(cli, tmp_path):
@@ -214,9 +231,11 @@ def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, in
     assert set(table["status"]) <= {"finished", "early-stopped", "diverged"}
     after = trials(Journal(exp).read())
     by_id = {t.trial: t for t in after}
+    rows = table.set_index("trial")
     for trial_id, losses in before.items():  # finished trials: kept, intact, not re-run
         assert [m["test_loss"] for m in by_id[trial_id].epochs] == losses
         assert not by_id[trial_id].aliases
+        assert rows.loc[trial_id, "test_loss"] == pytest.approx(losses[-1], rel=1e-12)  # in trials.csv too
     records = Journal(exp).read()
     continued = {r["continues"]: r["trial"] for r in records if r["event"] == "trial" and r.get("continues")}
     assert set(continued) == set(checkpointed)  # every interrupted trial, and only those, continued

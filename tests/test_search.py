@@ -115,10 +115,16 @@ def test_finished_experiment_is_not_overwritten(cli, tmp_path):
     status, _, err = run(cli, tmp_path, *argv)
     assert status == 2 and "is a finished experiment; use --restart" in err and len(err.strip().splitlines()) == 1
     assert (exp / "trials.csv").read_text() == before
+    # --restart with bad input: exit 2, and the finished experiment stays where it was
+    status, _, err = cli(search, ["--data", "/no/such/folder", "--results-dir", str(tmp_path / "results"), "--name", "exp", *argv, "--restart"])
+    assert status == 2 and (exp / "trials.csv").read_text() == before
+    assert not [p for p in (tmp_path / "results").iterdir() if ".replaced-" in p.name]
     status, out, err = run(cli, tmp_path, *argv, "--restart")
     assert status == 0, err
     kept = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("exp.replaced-")]
     assert len(kept) == 1 and (kept[0] / "trials.csv").read_text() == before
+    # the command that would resume it does not restart it again
+    assert "--restart" not in json.loads((exp / "experiment.json").read_text())["command"]
 
 
 def test_experiment_json_records_the_command(cli, tmp_path):
@@ -150,6 +156,8 @@ def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp
     assert "Challenge (train loss below test loss and still falling): met by" in out
     assert "(the tutorial's configuration)" in out and "challenge not met (train_loss >= test_loss)" in out
     assert best_config_header(exp).startswith("# Best trial of experiment exp")
+    assert "# confirmed with 1 new seeds; test_accuracy" in best_config_header(exp)
+    assert "lucky seed" in best_config_header(exp)
     # --confirm-seeds: the winner re-trained with a new seed, written beside best_config.yaml
     confirm = pd.read_csv(exp / "confirm.csv")
     assert confirm["seed"].tolist() == [43] and "Confirmation: 1 new seeds" in out
@@ -157,6 +165,15 @@ def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp
     page = (exp / "report" / "index.html").read_text()
     assert "Challenge met</b>" in page and "Confirmed with new seeds" in page
     assert all((exp / "report" / f).exists() for f in ("learning_curves.png", "progress.png", "what_mattered.png"))
+
+
+def test_smoke_test_runs_three_trials_of_two_epochs(cli, tmp_path):
+    status, out, err = cli(search, ["--smoke-test", "--results-dir", str(tmp_path / "results"), "--name", "smoke", "--num-cpus", "2"])
+    assert status == 0, err
+    trials = pd.read_csv(tmp_path / "results" / "smoke" / "trials.csv")
+    assert len(trials) == 3 and set(trials["epochs"]) == {2}
+    assert trials[trials["baseline"]].iloc[0]["lr"] == 1e-3  # the tutorial's hyperparameters, for 2 epochs
+    assert (tmp_path / "results" / "smoke" / "report" / "index.html").exists()
 
 
 def best_config_header(exp) -> str:
@@ -169,8 +186,12 @@ def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path):
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     assert 1 <= len(trials) < 50 and "Time budget of 12 s reached" in out
+    assert "Continue with:" in out and "--name exp" in out
     meta = json.loads((tmp_path / "results" / "exp" / "experiment.json").read_text())
-    assert meta["status"] == "finished"
+    assert meta["status"] == "interrupted"  # the same command continues it
+    # the trials the budget stopped are not left RUNNING in the Optuna study
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{tmp_path / 'results' / 'exp' / 'optuna.db'}")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc"])

@@ -60,6 +60,15 @@ def test_bad_input_is_one_line_and_exit_2(cli, argv, message):
     assert out == ""
 
 
+def test_a_device_this_machine_lacks_is_one_line_exit_2(cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    status, _, err = cli(main, ["--data", "synthetic", "--device", "cuda"])
+    assert status == 2 and "--device cuda: CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
 def test_module_runs_as_a_script():
     result = subprocess.run([sys.executable, "-m", "trainable", "--data", "synthetic", "--epochs", "1"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,13 +124,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the field's type; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
-        (item_type,) = set(typing.get_args(hint)) or {Any}
+        (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
         return [_coerce(key, v, item_type) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        raise NotImplementedError(key)
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -68,8 +68,21 @@ def describe(rows: list[dict[str, Any]]) -> str:
     for key in ("train_loss", "test_loss"):
         if key in s:
             parts.append(f"{key} {s[key][0]:.4f} ± {s[key][1]:.4f}")
-    parts.append(f"challenge met in {met} of {len(rows)}")
+    rate = s.get("challenge_met", (0.0, 0.0))
+    parts.append(f"challenge met in {met} of {len(rows)} (rate {rate[0]:.2f} ± {rate[1]:.2f})")
     return "; ".join(parts)
+
+
+def lucky_seed_check(rows: list[dict[str, Any]], searched_accuracy: float) -> str:
+    """How the search's own run compares with the new seeds: a winner by a lucky seed shows here."""
+    s = summarize(rows)
+    if "test_accuracy" not in s:
+        return ""
+    mean, std = s["test_accuracy"]
+    gap = searched_accuracy - mean
+    lucky = gap > 2 * std + 0.005  # more than two spreads (and half a point) above the new seeds
+    verdict = "a lucky seed: the new seeds do clearly worse" if lucky else "not a lucky seed: the new seeds reach it"
+    return f"the search's own run reached {100 * searched_accuracy:.1f}%, {100 * gap:+.1f} points from the new seeds' mean: {verdict}"
 
 
 def write_confirm(path: str | Path, rows: list[dict[str, Any]]) -> None:

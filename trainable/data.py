@@ -17,7 +17,10 @@ import hashlib
 import io
 import os
 import urllib.error
+import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +119,7 @@ def load_cifar10(data_root: str | os.PathLike[str]) -> Dataset:
     except OSError as exc:
         raise DataError(f"{root}: cannot create the CIFAR-10 data root ({exc.strerror})") from None
     # One process downloads and extracts; any other waits here and then finds the files.
-    with FileLock(str(root / ".cifar10.lock")):
+    with _lock(root / ".cifar10.lock"):
         try:
             train = CIFAR10(str(root), train=True, download=False)
         except RuntimeError:  # "Dataset not found or corrupted"
@@ -130,6 +133,20 @@ def load_cifar10(data_root: str | os.PathLike[str]) -> Dataset:
         tuple(train.classes),
         f"cifar10({root})",
     )
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """Hold a file lock; DataError if its folder does not let us create one."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise DataError(f"{path.parent}: cannot write here ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _download_cifar10(cifar10_cls: type, root: Path):  # noqa: ANN202 - torchvision's class
@@ -160,11 +177,11 @@ def load_image_folder(path: str | os.PathLike[str], cache_dir: str | os.PathLike
         raise DataError(f"{cache}: cannot create the cache folder ({exc.strerror})") from None
     cache_file = cache / f"imagefolder-{key}.npz"
     # A second process loading the same folder waits for the first to finish decoding.
-    with FileLock(str(cache_file) + ".lock"):
+    with _lock(Path(str(cache_file) + ".lock")):
         if cache_file.exists():
             try:
                 return _read_cache(cache_file, root)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 cache_file.unlink(missing_ok=True)  # damaged: decode again
         data = _decode_image_folder(root, listing)
         _write_cache(cache_file, data)

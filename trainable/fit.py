@@ -42,7 +42,14 @@ METRICS = (
 def select_device(requested: str = "auto") -> torch.device:
     """cuda -> mps -> cpu, as in the tutorial; or the device named."""
     if requested != "auto":
-        return torch.device(requested)
+        device = torch.device(requested)  # RuntimeError for a name torch does not know
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RuntimeError(f"--device {requested}: MPS is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

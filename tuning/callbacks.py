@@ -61,7 +61,7 @@ class ExperimentCallback(tune.Callback):
             return  # restarted after a failure: same trial, same record
         self.known.add(trial.trial_id)
         params = hyperparameters(trial.config)
-        config = TrainConfig.from_dict({**self.base.to_dict(), **params}).to_dict()
+        config = {**self.base.to_dict(), **params}  # not validated here: a bad one errors in its trial
         record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": config}
         if trial.config.get(CONTINUES):
             record["continues"] = trial.config[CONTINUES]
@@ -78,7 +78,11 @@ class ExperimentCallback(tune.Callback):
     @_guarded
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         epoch = (trial.last_result or {}).get("epoch")
-        self.journal.append("checkpoint", trial=trial.trial_id, epoch=epoch, path=checkpoint.path)
+        path = checkpoint.path
+        kind = getattr(checkpoint.filesystem, "type_name", "local")
+        if kind != "local":  # Ray gives s3:// and gs:// paths without their scheme
+            path = f"{'gs' if kind == 'gcs' else kind}://{path}"
+        self.journal.append("checkpoint", trial=trial.trial_id, epoch=epoch, path=path)
 
     @_guarded
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -109,9 +113,9 @@ class ExperimentCallback(tune.Callback):
 
 def _error_message(trial: Any) -> str:
     """The last line of the trial's traceback (the exception), read from Ray's local error file."""
-    for path in (getattr(trial, "error_file", None),):
-        if path and Path(path).exists():
-            lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-            if lines:
-                return lines[-1].strip()
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        if lines:
+            return lines[-1].strip()
     return "the trial failed (no error message recorded)"

@@ -17,13 +17,15 @@ import pandas as pd
 
 from trainable.cli import OneLineParser, fail
 from trainable.config import TrainConfig
+from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_text
 from trainable.fit import METRICS
-from tuning.journal import ERRORED, INTERRUPTED, Journal, TrialRecord, trials
+from tuning.journal import ERRORED, INTERRUPTED, RUNNING, Journal, TrialRecord, trials
+from tuning.space import SEARCHABLE
 
 EXPERIMENT = "experiment.json"
 TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
-PARAMS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
+PARAMS = SEARCHABLE
 FINAL = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_below_test", "still_decreasing", "challenge_met", "crossing_epoch", "objective")
 
 
@@ -70,13 +72,18 @@ def best_trial(all_trials: Sequence[TrialRecord], mode: str) -> TrialRecord | No
     return max(scored, key=lambda t: (sign * final_objective(t), -t.number))  # type: ignore[operator]
 
 
-def trials_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
-    """One row per trial: its hyperparameters, status, epochs run, final and best metrics."""
+def trials_table(all_trials: Sequence[TrialRecord], running: bool = False) -> pd.DataFrame:
+    """One row per trial: its hyperparameters, status, epochs run, final and best metrics.
+
+    `running`: the search is still going, so a trial that has not ended is "running", not
+    "interrupted".
+    """
     rows = []
     for t in all_trials:
         last = t.last or {}
         tested = [m for m in t.epochs if m.get("test_accuracy") is not None]
-        row: dict[str, Any] = {"trial": t.trial, "number": t.number, "status": t.status, "baseline": t.baseline}
+        status = RUNNING if running and t.status == INTERRUPTED else t.status
+        row: dict[str, Any] = {"trial": t.trial, "number": t.number, "status": status, "baseline": t.baseline}
         row.update({p: t.config.get(p) for p in PARAMS})
         row["epochs_run"] = len(t.epochs)
         row.update({f: last.get(f) for f in FINAL})
@@ -84,6 +91,8 @@ def trials_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
         row["best_test_loss"] = min((m["test_loss"] for m in tested if m.get("test_loss") is not None), default=None)
         row["train_seconds"] = sum(m.get("epoch_seconds") or 0.0 for m in t.epochs)
         row["error"] = t.error
+        if status == ERRORED:
+            row["objective"] = None  # an errored trial has no result to rank
         rows.append(row)
     columns = ["trial", "number", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "error"]
     return pd.DataFrame(rows, columns=columns)
@@ -104,6 +113,7 @@ def best_config_text(meta: dict[str, Any], trial: TrialRecord) -> str:
         f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, {trial.status})",
         f"objective {meta['objective']}: {final_objective(trial):.4f}; test_accuracy {100 * accuracy:.1f}%" if accuracy is not None else "",
         _verdict_line(last, meta.get("challenge_window", 3)),
+        *_confirm_lines(Path(meta["exp_dir"]), accuracy),
         f"Re-train without Ray: python -m trainable --config {Path(meta['exp_dir']) / BEST_CONFIG}",
     ]
     buffer = io.StringIO()
@@ -111,6 +121,18 @@ def best_config_text(meta: dict[str, Any], trial: TrialRecord) -> str:
         buffer.write(f"# {line}\n")
     buffer.write(config.to_yaml())
     return buffer.getvalue()
+
+
+def _confirm_lines(exp_dir: Path, accuracy: float | None) -> list[str]:
+    """The --confirm-seeds summary (mean ± std over the new seeds), if there is one."""
+    path = exp_dir / CONFIRM_FILE
+    if not path.exists():
+        return []
+    rows = read_confirm(path)
+    lines = [f"confirmed with {describe(rows)} (per seed: {CONFIRM_FILE})"]
+    if accuracy is not None:
+        lines.append(lucky_seed_check(rows, accuracy))
+    return lines
 
 
 def _verdict_line(last: dict[str, Any], window: int) -> str:
@@ -134,7 +156,7 @@ def export(exp_dir: str | Path, all_trials: Sequence[TrialRecord] | None = None)
     if all_trials is None:
         all_trials = trials(Journal(exp_dir).read())
     paths = {"trials": exp_dir / TRIALS_CSV, "epochs": exp_dir / EPOCHS_CSV}
-    atomic_write_text(paths["trials"], trials_table(all_trials).to_csv(index=False))
+    atomic_write_text(paths["trials"], trials_table(all_trials, running=meta.get("status") == "running").to_csv(index=False))
     atomic_write_text(paths["epochs"], epochs_table(all_trials).to_csv(index=False))
     best = best_trial(all_trials, meta["mode"])
     if best is not None:

@@ -28,6 +28,7 @@ JOURNAL = "journal.jsonl"
 
 # Trial statuses, as shown in trials.csv and the report.
 FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED = "finished", "early-stopped", "diverged", "errored", "interrupted"
+RUNNING = "running"  # shown instead of "interrupted" while the search is still going
 DONE = (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED)
 
 

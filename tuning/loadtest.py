@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.samples}-sample search of 1-epoch trials: {wall:.0f} s")
     print(f"trials.csv: {len(table)} rows, {table['trial'].nunique()} distinct trials, statuses {table['status'].value_counts().to_dict()}")
     print(f"journal: {len(journal_trials)} trials, {sum(t.done for t in journal_trials)} ended")
+    if not rss:
+        print(f"{PROG}: the search ended before its memory could be sampled", file=sys.stderr)
+        return 1
     for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
         mark = next(((n, r) for n, r in rss if n >= fraction * args.samples), rss[-1])
         print(f"driver RSS when {mark[0]:>4} trials had ended: {mark[1]:7.1f} MiB")

@@ -32,11 +32,11 @@ if __package__ in (None, ""):  # run as `python tuning/report.py`
 import pandas as pd
 
 from trainable.cli import OneLineParser, fail, positive_int
-from trainable.confirm import CONFIRM_FILE, describe, read_confirm
+from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_bytes, atomic_write_text
 from tuning import export as export_mod
 from tuning.console import fmt_params
-from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED
+from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING
 
 PROG = "python tuning/report.py"
 FIGURES = ("learning_curves.png", "progress.png", "what_mattered.png")
@@ -47,6 +47,7 @@ STATUS_STYLE = {  # marker and colour per trial status, one legend everywhere
     DIVERGED: ("X", "tab:red"),
     ERRORED: ("s", "black"),
     INTERRUPTED: ("D", "tab:orange"),
+    RUNNING: ("P", "tab:purple"),
 }
 
 
@@ -109,24 +110,6 @@ def load_study(exp_dir: Path):  # noqa: ANN201 - optuna.Study or None
     try:
         return optuna.load_study(study_name=export_mod.read_experiment(exp_dir)["name"], storage=f"sqlite:///{path}")
     except Exception:  # noqa: BLE001 - a damaged or foreign database: report without it
-        return None
-
-
-def importances(study: Any) -> dict[str, float] | None:
-    """Optuna's parameter importances (PED-ANOVA: needs no scikit-learn); None when it cannot tell."""
-    import optuna
-    from optuna.importance import PedAnovaImportanceEvaluator
-
-    if study is None:
-        return None
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 4:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
-    except (ValueError, RuntimeError, ZeroDivisionError):
         return None
 
 
@@ -206,28 +189,35 @@ def plot_what_mattered(lrs: pd.DataFrame, study: Any, path: Path) -> None:
     ax_lr.grid(alpha=0.3, which="both")
     if sizes:
         ax_lr.legend(fontsize=8)
-    values = importances(study)
-    if values:
-        import optuna
-        from optuna.importance import PedAnovaImportanceEvaluator
-
-        import matplotlib
-
-        with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna switches the global style
-            warnings.simplefilter("ignore")
-            drawn = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
-        # Optuna draws on its own figure: move its bars onto ours, keeping Optuna's numbers.
-        names = [t.get_text() for t in drawn.get_yticklabels()]
-        widths = [p.get_width() for p in drawn.patches]
-        plt.close(drawn.figure)
-        ax_imp.barh(names, widths, color="tab:blue")
-        ax_imp.set_title("Parameter importances (Optuna, PED-ANOVA)", fontsize=11)
-        ax_imp.set_xlabel("importance for the objective (share of 1)")
-    else:
+    if not _draw_importances(study, ax_imp):
         ax_imp.text(0.5, 0.5, "too few completed trials\nfor parameter importances", ha="center", va="center", transform=ax_imp.transAxes)
         ax_imp.set(title="Parameter importances (Optuna)", xticks=[], yticks=[])
     fig.tight_layout()
     _save(fig, path)
+
+
+def _draw_importances(study: Any, ax: Any) -> bool:
+    """Optuna's parameter importances (PED-ANOVA: needs no scikit-learn) drawn by Optuna's own
+    matplotlib plot, moved onto `ax`; False when there are too few completed trials."""
+    import matplotlib
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    if study is None or len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) < 4:
+        return False
+    try:
+        with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna switches the global style
+            warnings.simplefilter("ignore")
+            drawn = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return False
+    names = [t.get_text() for t in drawn.get_yticklabels()]
+    widths = [p.get_width() for p in drawn.patches]
+    _pyplot().close(drawn.figure)
+    ax.barh(names, widths, color="tab:blue")
+    ax.set_title("Parameter importances (Optuna, PED-ANOVA)", fontsize=11)
+    ax.set_xlabel("importance for the objective (share of 1)")
+    return True
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -285,7 +275,12 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
     confirm_file = exp_dir / CONFIRM_FILE
     if confirm_file.exists():
         rows = read_confirm(confirm_file)
-        confirm_html = f"<h2>Confirmed with new seeds</h2><p>The best configuration re-trained: {html.escape(describe(rows))}.</p>" + pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+        best = top_trials(trials_df, meta["mode"], 1)
+        check = lucky_seed_check(rows, float(best["test_accuracy"].iloc[0])) if len(best) else ""
+        confirm_html = (
+            f"<h2>Confirmed with new seeds</h2><p>The best configuration re-trained: {html.escape(describe(rows))}.</p>"
+            f"<p>{html.escape(check[:1].upper() + check[1:])}.</p>" + pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+        )
     images = "\n".join(
         f"<figure><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></figure>" for name, data in figures.items()
     )
@@ -345,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         page = write_report(args.experiment, top=args.top)
     except export_mod.ExperimentError as exc:
         return fail(PROG, str(exc))
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:  # unreadable CSVs, unwritable report/
+        return fail(PROG, f"{args.experiment}: cannot draw the report ({exc})")
     print(page)
     return 0
 

@@ -29,14 +29,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python tuning/search.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from filelock import FileLock, Timeout
+
 from trainable import challenge
 from trainable.cli import OneLineParser, UsageError, fail, non_negative_int, positive_int
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
+from trainable.fileio import atomic_write_text
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result, verdict_text
 from tuning.report import write_report
-from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, Journal, TrialRecord, trials
+from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, Journal, TrialRecord, trials
 from tuning.space import SpaceError, Space, default_space, load_space, trial_config
 
 PROG = "python tuning/search.py"
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=non_negative_int, default=2, help="retries of a trial that raises, from its last checkpoint (default 2)")
     r.add_argument("--num-cpus", type=positive_int, help="local cluster only: CPUs Ray may use (default: all it detects)")
     r.add_argument("--num-gpus", type=non_negative_int, help="local cluster only: GPUs Ray may use (default: all it detects)")
-    r.add_argument("--address", help="attach to a running Ray cluster (auto, or ray://host:port) instead of starting a local one")
+    r.add_argument("--address", help="auto: attach to the running Ray cluster of this machine (the head node) instead of starting a local one")
     r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="cifar10 (default), synthetic, or an image folder with train/<class>/ and test/<class>/")
@@ -99,6 +102,8 @@ class Plan:
     space: Space
     base: TrainConfig
     resumed: bool
+    replaces: Path | None = None  # an earlier experiment of this name, moved aside on --restart
+    lock: Any = None  # held while this process runs the experiment
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -114,6 +119,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.reduction_factor <= 1:
         raise UsageError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    if args.address and args.address.startswith("ray://"):
+        raise UsageError("--address ray://...: Ray Client runs Tune on the head node, away from this folder's journal; run the search on the head node with --address auto")
     if args.address and (args.num_cpus or args.num_gpus is not None):
         raise UsageError("--num-cpus/--num-gpus describe a local cluster; with --address the cluster's own resources are used")
     if args.time_budget is not None and args.time_budget <= 0:
@@ -123,7 +130,14 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}
     if args.smoke_test:
         overrides.setdefault("data", "synthetic")
+        overrides["epochs"] = 2  # the baseline too
     base = base.with_updates(**overrides).resolved_paths()
+    trial_config(base, space, {})  # the space's fixed values must make a valid configuration
+    if not args.no_baseline:
+        try:
+            TrainConfig.from_dict(baseline_params(space), base=trial_config(base, space, {}))
+        except ConfigError as exc:
+            raise UsageError(f"the tutorial's baseline is not a valid configuration over this base ({exc}); use --no-baseline") from None
     samples = args.samples or (SMOKE_SAMPLES if args.smoke_test else DEFAULT_SAMPLES)
     metric_mode = challenge.OBJECTIVES[args.objective][1]
     fingerprint = {
@@ -143,15 +157,18 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"--name {name!r}: use a plain folder name")
     exp_dir = results / name
-    resumed = False
+    lock = FileLock(str(results / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"another search is running experiment {exp_dir} right now") from None
+    resumed, replaces = False, None
     if exp_dir.exists() and any(exp_dir.iterdir()):
         if not (exp_dir / export_mod.EXPERIMENT).exists():
             raise UsageError(f"{exp_dir} exists and is not an experiment folder; choose another --name")
         old = export_mod.read_experiment(exp_dir)
         if args.restart:
-            aside = exp_dir.with_name(f"{name}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
-            exp_dir.rename(aside)
-            print(f"--restart: the earlier experiment is kept as {aside}")
+            replaces = exp_dir  # moved aside only once the input has been checked
         elif old.get("status") == "finished":
             raise UsageError(f"{exp_dir} is a finished experiment; use --restart to run it again (the old one is kept) or choose another --name")
         else:
@@ -162,7 +179,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     meta = {
         "name": name,
         "exp_dir": str(exp_dir),
-        "command": command_line(argv if "--name" in argv else [*argv, "--name", name]),
+        "command": resume_command(argv, name),
         "samples": samples,
         "objective": args.objective,
         "metric": "objective",
@@ -176,11 +193,21 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     }
     if resumed:
         meta = {**old, "status": "running", "command": old.get("command", meta["command"])}
-    return Plan(exp_dir, meta, space, base, resumed)
+    return Plan(exp_dir, meta, space, base, resumed, replaces, lock)
+
+
+def resume_command(argv: Sequence[str], name: str) -> str:
+    """The command that continues this experiment: the user's, with --name, without --restart."""
+    argv = [a for a in argv if a != "--restart"]
+    return command_line(argv if "--name" in argv else [*argv, "--name", name])
 
 
 def create_experiment(plan: Plan) -> None:
     """Write experiment.json: only once the data loaded and the cluster can run the trials."""
+    if plan.replaces is not None and plan.replaces.exists():
+        aside = plan.replaces.with_name(f"{plan.replaces.name}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        plan.replaces.rename(aside)
+        print(f"--restart: the earlier experiment is kept as {aside}")
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     export_mod.write_experiment(plan.exp_dir, plan.meta)
 
@@ -301,7 +328,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         done = sum(t.done for t in existing)
         print(f"Resuming {plan.exp_dir.name}: {done} trials done, {len(pending)} to continue from their checkpoints, {new} new")
     # Interrupted trials first (each continues its own checkpoint), then the baseline, then Optuna.
-    fixed = [{**t.params, CONTINUES: t.trial} for t in pending]
+    fixed = [{**t.params, CONTINUES: t.trial, **({BASELINE: True} if t.baseline else {})} for t in pending]
     if new > 0 and not args.no_baseline and not any(t.baseline for t in existing):
         fixed.append({**baseline_params(space), BASELINE: True})
     attempt = 1 + sum(1 for r in journal.read() if r.get("event") == "attempt")
@@ -320,7 +347,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         storage=optuna.storages.RDBStorage(storage_url),
     )
     searcher = FixedFirst(optuna_search, fixed, metric="objective", mode=meta["mode"], first_number=len(existing) + 1)
-    max_epochs = max([_max_epochs(space, base), *(TrainConfig().epochs for c in fixed if c.get(BASELINE))])
+    max_epochs = max([_max_epochs(space, base), *(c.get("epochs", base.epochs) for c in fixed if c.get(BASELINE))])
     if args.no_early_stop:
         scheduler = FIFOScheduler()
     else:
@@ -378,6 +405,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
     after = trials(journal.read())
     if len(after) < meta["samples"] or not all(t.done for t in after):
         if args.time_budget and time.time() - started >= args.time_budget:
+            release_stale_optuna_trials(storage_url, meta["name"])  # trials the budget stopped
             return "budget"
         raise SearchIncomplete("Ray Tune stopped before every trial ended")
     return "finished"
@@ -393,12 +421,14 @@ def _max_epochs(space: Space, base: TrainConfig) -> int:
 # --- the end of a search -------------------------------------------------------------------
 
 
-def summarize(plan: Plan, all_trials: list[TrialRecord], wall: float, res: dict[str, float], paths: dict[str, Path]) -> None:
+def summarize(plan: Plan, all_trials: list[TrialRecord], wall: float, res: dict[str, float], paths: dict[str, Path], since: float) -> None:
     meta = plan.meta
     window = meta["challenge_window"]
-    counts = {s: sum(t.status == s for t in all_trials) for s in (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED)}
+    counts = {s: sum(t.status == s for t in all_trials) for s in (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED)}
     parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    busy = sum(m.get("epoch_seconds") or 0.0 for t in all_trials for m in t.epochs) * max(1, math.floor(res["cpu"]))
+    # only the epochs of this run of the command: a resumed search's wall time covers no others
+    this_run = [r for r in Journal(plan.exp_dir).read() if r.get("event") == "epoch" and r["time"] >= since]
+    busy = sum(r.get("epoch_seconds") or 0.0 for r in this_run) * max(1, math.floor(res["cpu"]))
     print()
     print(f"Search {meta['name']}: {len(all_trials)} trials ({parts}) in {wall:.0f} s; "
           f"train/evaluate used {100 * busy / (wall * max(res['cluster_cpus'], 1)):.0f}% of {res['cluster_cpus']:g} CPUs x wall time")
@@ -434,6 +464,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = make_plan(args, argv)
     except (UsageError, SpaceError, ConfigError, export_mod.ExperimentError) as exc:
         return fail(PROG, str(exc))
+    try:
+        return run(plan, args, started)
+    finally:
+        plan.lock.release()
+
+
+def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
     meta = plan.meta
     started_ray = False
     try:
@@ -443,7 +480,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         started_ray = start_ray(args)
         res = resources(args)
         create_experiment(plan)
+        attempt_started = time.time()
         outcome = run_search(plan, data, args, res, started)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+            started_ray = False
+        paths = export_mod.export(plan.exp_dir)
+        _, all_trials = export_mod.load_trials(plan.exp_dir)
+        paths["optuna"] = plan.exp_dir / "optuna.db"
+        wall = time.time() - started  # the search itself; confirmation and report come after
+        if outcome == "finished" and args.confirm_seeds and "best_config" in paths:
+            paths["confirm"] = confirm_best(plan, data, args.confirm_seeds)
+            paths.update(export_mod.export(plan.exp_dir))  # best_config.yaml now states the confirmation
+        try:
+            paths["report"] = write_report(plan.exp_dir, top=args.top)
+        except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
+            print(f"{PROG}: warning: the report could not be drawn ({exc}); the CSV files are complete", file=sys.stderr)
+        _mark(plan, "finished" if outcome == "finished" else "interrupted")
     except (UsageError, DataError) as exc:
         return fail(PROG, str(exc))
     except KeyboardInterrupt:
@@ -454,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _mark(plan, "interrupted")
         log = plan.exp_dir / "error.log"
         if plan.exp_dir.exists():
-            log.write_text(traceback.format_exc())
+            atomic_write_text(log, traceback.format_exc())
         print(f"{PROG}: error: {exc} (details in {log}). Finished trials are kept; resume with:\n  {meta['command']}", file=sys.stderr)
         return 1
     finally:
@@ -462,20 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
-    paths = export_mod.export(plan.exp_dir)
-    _, all_trials = export_mod.load_trials(plan.exp_dir)
-    _mark(plan, "finished")
-    paths["optuna"] = plan.exp_dir / "optuna.db"
-    wall = time.time() - started  # the search itself; confirmation and report come after
-    if args.confirm_seeds and "best_config" in paths:
-        paths["confirm"] = confirm_best(plan, data, args.confirm_seeds)
-    try:
-        paths["report"] = write_report(plan.exp_dir, top=args.top)
-    except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
-        print(f"{PROG}: warning: the report could not be drawn ({exc}); the CSV files are complete", file=sys.stderr)
-    summarize(plan, all_trials, wall, res, paths)
+    summarize(plan, all_trials, wall, res, paths, since=attempt_started)
     if outcome == "budget":
-        print(f"Time budget of {args.time_budget:g} s reached: {len(all_trials)} of {meta['samples']} trials ran.")
+        done = sum(t.done for t in all_trials)
+        print(f"Time budget of {args.time_budget:g} s reached: {done} of {meta['samples']} trials done; "
+              f"trials it stopped are kept as interrupted. Continue with:\n  {meta['command']}")
     if not any(t.status in (FINISHED, EARLY_STOPPED, DIVERGED) for t in all_trials):
         print(f"{PROG}: error: no trial finished; see the errors in {paths['trials']}", file=sys.stderr)
         return 1
@@ -486,7 +532,7 @@ def confirm_best(plan: Plan, data: Dataset, n: int) -> Path:
     """Re-train the best configuration with n new seeds, in this process (Ray is done by now)."""
     import torch
 
-    from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
+    from trainable.confirm import CONFIRM_FILE, confirm, describe, lucky_seed_check, write_confirm
 
     config = TrainConfig.load(plan.exp_dir / export_mod.BEST_CONFIG)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -495,6 +541,10 @@ def confirm_best(plan: Plan, data: Dataset, n: int) -> Path:
     path = plan.exp_dir / CONFIRM_FILE
     write_confirm(path, rows)
     print(f"Confirmation: {describe(rows)}")
+    _, all_trials = export_mod.load_trials(plan.exp_dir)
+    best = export_mod.best_trial(all_trials, plan.meta["mode"])
+    if best is not None and best.last and best.last.get("test_accuracy") is not None:
+        print(f"              {lucky_seed_check(rows, best.last['test_accuracy'])}")
     return path
 
 
