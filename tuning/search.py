@@ -254,7 +254,8 @@ def start_ray(args: argparse.Namespace) -> bool:
     if args.address:
         ray.init(address=args.address, **kwargs)
     else:
-        ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)
+        # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
+        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)
     return True
 
 
