@@ -102,3 +102,49 @@ def test_bf16_follows_the_fp32_loss_curve(data):
     for a, b in zip(fp32, bf16):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.08 * a["train_loss"]
     assert abs(fp32[-1]["test_accuracy"] - bf16[-1]["test_accuracy"]) < 0.05
+
+
+# --- every machine: denormals, stalls, bf16 only where native -------------------------------
+
+
+FLUSH_CHECK = """
+import torch
+from trainable.config import TrainConfig
+from trainable.data import make_synthetic
+from trainable.fit import Trainer
+tiny = torch.full((1 << 20,), 1e-39)  # large enough to be split across torch's threads
+before = bool(((tiny * 0.5) > 0).all())
+Trainer(TrainConfig(data="synthetic", epochs=1), make_synthetic(seed=0), device="cpu").run_epoch()
+print(before, bool(((tiny * 0.5) == 0).all()), torch.finfo(torch.float32).tiny * 0.5 * 2 > 0)
+"""
+
+
+def test_training_on_the_cpu_flushes_subnormal_floats():
+    """A subnormal float (below 1.2e-38) halved is 0 once a Trainer runs on the CPU, on every
+    thread: x86 CPUs handle subnormals in microcode, which made epochs 10x slower on a Xeon.
+    A fresh process, as a user's `python -m trainable` is (the flag is per thread)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FLUSH_CHECK], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]  # subnormal before; flushed after; normal floats untouched
+
+
+def test_a_stalled_epoch_is_named_with_its_slowdown():
+    from trainable.fit import slow_epoch_text, slow_epochs
+
+    history = [{"epoch": 1, "epoch_seconds": 17.0}, {"epoch": 2, "epoch_seconds": 19.0},
+               {"epoch": 3, "epoch_seconds": 176.0}, {"epoch": 4, "epoch_seconds": 234.0}]
+    assert [e for e, _, _ in slow_epochs(history)] == [3, 4]
+    assert slow_epoch_text(history) == "slow epoch: 4 at 234 s, 14× epoch 1 (+1 more)"
+    assert slow_epoch_text(history[:3]) == "slow epoch: 3 at 176 s, 10× epoch 1"
+    assert slow_epochs(history[:2]) == [] and slow_epoch_text(history[:2]) == ""
+    assert slow_epochs([{"epoch": 3, "epoch_seconds": 1.0}, {"epoch": 4, "epoch_seconds": 9.0}]) == []  # no epoch 1 seen
+
+
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)])
+def test_cuda_bf16_only_where_native(capability, native):
+    """V100 (7.0) and T4 (7.5) emulate bf16 although torch.cuda.is_bf16_supported() says yes."""
+    from trainable.fit import cuda_bf16_native
+
+    assert cuda_bf16_native(capability) is native

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.fixtures import write_image_folder
-from trainable.ray_trainable import FAULT_ENV
+from trainable.ray_trainable import FAULT_ENV, HOLD_ENV
 from tuning.journal import Journal, trials
 from tuning.search import main as search
 
@@ -22,7 +22,7 @@ SEARCH = str(Path(__file__).resolve().parent.parent / "tuning" / "search.py")
 LONG_SPACE = """
 lr: {low: 2.0e-3, high: 2.0e-2, log: true}
 batch_size: [32]
-epochs: 12
+epochs: 6
 optimizer: [sgd, nesterov]
 momentum: {low: 0.5, high: 0.9}
 """
@@ -202,12 +202,13 @@ def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypat
 # --- interruptions --------------------------------------------------------------------------
 
 
-def start(tmp_path: Path, argv: list[str]) -> subprocess.Popen:
+def start(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(tmp_path / "first-run.log", "w")
-    return subprocess.Popen([sys.executable, SEARCH, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([sys.executable, SEARCH, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
 
 
-def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, timeout: float = 240) -> None:
+def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, timeout: float = 900) -> None:
     """Until `ended` trials ended and a running one has saved a checkpoint."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -253,7 +254,11 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
             "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
     exp = tmp_path / "results" / "r"
-    proc = start(tmp_path, argv)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # Two trials run to their end; every later one waits after its epoch 3 (checkpointed), so the
+    # search is mid-way when the signal comes however fast or slow the machine is.
+    proc = start(tmp_path, argv, env={HOLD_ENV: f"3:2:{markers}"})
     wait_until_mid_search(exp, proc)
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     status = proc.wait(timeout=120)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from trainable.config import TrainConfig
+from trainable.ray_trainable import HOLD_ENV
 from tuning.journal import Journal
 from tuning.search import main as search
 
@@ -180,12 +181,19 @@ def best_config_header(exp) -> str:
     return (exp / "best_config.yaml").read_text()
 
 
-def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path):
-    space = "lr: {low: 0.01, high: 0.03}\nbatch_size: [32]\nepochs: 30\noptimizer: [sgd]\n"
-    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline", "--time-budget", "12")
+def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path, monkeypatch):
+    # The first trial runs to its end; every other one waits after its first epoch, so the search
+    # cannot end by itself and the budget must cut it, on a fast machine or a slow one. The budget
+    # leaves a slow machine ample time to start Ray and train one tiny trial.
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(HOLD_ENV, f"1:1:{markers}")
+    space = "lr: {low: 0.01, high: 0.03}\nbatch_size: [256]\nepochs: 2\noptimizer: [sgd]\n"
+    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline", "--time-budget", "30")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
-    assert 1 <= len(trials) < 50 and "Time budget of 12 s reached" in out
+    assert 2 <= len(trials) < 50 and "Time budget of 30 s reached" in out
+    assert (trials["status"] == "finished").sum() == 1 and (trials["status"] == "interrupted").sum() >= 1
     assert "Continue with:" in out and "--name exp" in out
     meta = json.loads((tmp_path / "results" / "exp" / "experiment.json").read_text())
     assert meta["status"] == "interrupted"  # the same command continues it
@@ -206,3 +214,28 @@ def test_every_sampler_can_search_the_default_space(sampler):
         study.tell(trial, -abs(trial.params["lr"] - 0.02))
     assert len(study.trials) == 8
     assert all(space.distributions["lr"].low <= t.params["lr"] <= space.distributions["lr"].high for t in study.trials)
+
+
+def test_a_ray_trial_flushes_subnormal_floats(tmp_path):
+    """Inside a trial's own Ray worker process, not only in the driver."""
+    import ray
+    import torch
+    from ray import tune
+
+    from trainable.data import make_synthetic
+    from trainable.ray_trainable import train_trial
+
+    def trial(config, data):
+        torch.set_flush_denormal(False)  # a fresh worker's default
+        train_trial(config, data=data, base=TrainConfig(data="synthetic", epochs=1).to_dict(),
+                    objective="test_accuracy", challenge_window=3, threads=1)
+        tune.report({"flushed": bool(((torch.full((1 << 20,), 1e-39) * 0.5) == 0).all())})
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(tune.with_parameters(trial, data=make_synthetic(seed=0)),
+                           run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+        result = tuner.fit()[0]
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.metrics["flushed"] is True

@@ -20,7 +20,7 @@ from trainable.cli import OneLineParser, dumps, fail, positive_int
 from trainable.config import OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
 from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer, select_device
+from trainable.fit import Trainer, flush_denormals, select_device, slow_epochs
 
 PROG = "python -m trainable"
 # flag dest -> TrainConfig field, for the flags that override one field each
@@ -68,13 +68,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return base.with_updates(**overrides).resolved_paths()
 
 
-def format_epoch(m: dict[str, Any], epochs: int) -> str:
+def format_epoch(m: dict[str, Any], epochs: int, history: list[dict[str, Any]] | None = None) -> str:
     line = (
         f"Epoch {m['epoch']:>3}/{epochs}  train_loss {m['train_loss']:.4f}  train_accuracy {100 * m['train_accuracy']:5.1f}%  "
         f"test_loss {m['test_loss']:.4f}  test_accuracy {100 * m['test_accuracy']:5.1f}%  "
         f"[{m['epoch_seconds']:.1f} s, {m['samples_per_second']:,.0f} samples/s]"
     )
-    return line + ("  DIVERGED" if m["diverged"] else "")
+    if m["diverged"]:
+        line += "  DIVERGED"
+    slow = [s for s in slow_epochs(history or []) if s[0] == m["epoch"]]
+    if slow:
+        line += f"  slow epoch: {slow[0][2]:.0f}× epoch 1"
+    return line
 
 
 def format_verdict(m: dict[str, Any], window: int) -> str:
@@ -123,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = select_device(args.device)
     except (ConfigError, RuntimeError) as exc:
         return fail(PROG, str(exc))
+    flush_denormals(device)  # before torch starts its threads; see flush_denormals
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -136,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{data!r} on {device} ({trainer.precision}); {config.to_dict()}")
     last: dict[str, Any] | None = None
     for last in trainer.run():
-        print(dumps(last) if args.json else format_epoch(last, config.epochs), flush=True)
+        print(dumps(last) if args.json else format_epoch(last, config.epochs, trainer.history), flush=True)
     if last is not None and not args.json:
         print(format_verdict(last, args.challenge_window))
     return 0

@@ -1,10 +1,17 @@
-"""python -m trainable.bench: our training epoch against the tutorial's, in one process, same data.
+"""python -m trainable.bench: our epoch against the tutorial's, and against this machine's floor.
 
 The baseline is the tutorial's own pipeline: a torchvision-style data set that turns each uint8
 image into a PIL image and then a float tensor with `ToTensor`, batched by a `DataLoader` (batch
-64, no workers, fp32), and the tutorial's `train_loop`. Ours: `train_epoch` on tensor-resident
-uint8 data at batch 64 with the default precision (and with fp32, to show where the time goes).
-Each is timed for one training epoch, repeated, interleaved; the median is reported.
+64, no workers, fp32), and the tutorial's `train_loop` and `test_loop`. Ours: `Trainer.run_epoch`
+(train on tensor-resident uint8 data, then evaluate) with the default precision, and with fp32 to
+show where the time goes. Each contender runs whole epochs (training and test), repeated and
+interleaved; the median is reported.
+
+The floor is what this machine needs for the epoch's matrix multiplies alone: the same GEMMs the
+model runs (forward, and the weight and input gradients of every layer, at the same batch size;
+the test split's forward passes), timed back to back with preallocated outputs, on the same
+threads. An epoch's share of the floor says how close to the machine's limit it runs; the rest
+is everything else (the optimizer's updates, gathering batches, the loss, Python).
 
     python -m trainable.bench --data data/cifar10-jpeg --repeats 3
     python -m trainable.bench --data data/cifar10-jpeg --precision-check   # bf16 vs fp32 accuracy
@@ -13,6 +20,8 @@ Each is timed for one training epoch, repeated, interleaved; the median is repor
 from __future__ import annotations
 
 import argparse
+import math
+import platform
 import statistics
 import sys
 import time
@@ -25,8 +34,7 @@ from torch import nn
 from trainable.cli import OneLineParser, fail, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer, autocast_dtype, epoch_seed, fit
-from trainable.loops import train_epoch
+from trainable.fit import Trainer, autocast_dtype, fast_bf16, fit, flush_denormals
 from trainable.model import build_model
 
 PROG = "python -m trainable.bench"
@@ -51,6 +59,18 @@ class TutorialDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
+def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module, loss_fn: nn.Module) -> tuple[float, float]:
+    """The tutorial's test_loop, minus its print."""
+    model.eval()
+    test_loss, correct = 0.0, 0.0
+    with torch.no_grad():
+        for X, y in dataloader:
+            pred = model(X)
+            test_loss += loss_fn(pred, y).item()
+            correct += (pred.argmax(1) == y).type(torch.float).sum().item()
+    return test_loss / len(dataloader), correct / len(dataloader.dataset)
+
+
 def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The tutorial's train_loop, minus its print."""
     model.train()
@@ -68,34 +88,91 @@ def time_tutorial(data: Dataset, batch_size: int) -> Callable[[], float]:
     torch.manual_seed(42)
     model = build_model(data.input_shape, data.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(TutorialDataset(data.train_images, data.train_labels), batch_size=batch_size)
+    train = torch.utils.data.DataLoader(TutorialDataset(data.train_images, data.train_labels), batch_size=batch_size)
+    test = torch.utils.data.DataLoader(TutorialDataset(data.test_images, data.test_labels), batch_size=batch_size)
+    loss_fn = nn.CrossEntropyLoss()
 
     def run() -> float:
         start = time.perf_counter()
-        tutorial_train_loop(loader, model, nn.CrossEntropyLoss(), optimizer)
+        tutorial_train_loop(train, model, loss_fn, optimizer)
+        tutorial_test_loop(test, model, loss_fn)
         return time.perf_counter() - start
 
     return run
 
 
 def time_ours(data: Dataset, batch_size: int, precision: str) -> Callable[[], float]:
-    trainer = Trainer(TrainConfig(batch_size=batch_size, precision=precision), data, device="cpu")
-    epoch = iter(range(1, 1_000_000))
+    """One whole epoch of `python -m trainable` (train, then evaluate), as the trainer runs it."""
+    trainer = Trainer(TrainConfig(batch_size=batch_size, precision=precision, epochs=1_000_000), data, device="cpu")
+
+    def run() -> float:
+        return trainer.run_epoch()["epoch_seconds"]
+
+    return run
+
+
+def gemm_shapes(input_dim: int, hidden: Sequence[int], classes: int) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer of the model."""
+    widths = [input_dim, *hidden, classes]
+    return list(zip(widths, widths[1:]))
+
+
+def epoch_flops(data: Dataset, hidden: Sequence[int] = (512, 512), batch_size: int = 64) -> float:
+    """Multiply-add FLOPs of one epoch's GEMMs: 2 x (forward + weight gradient + input gradient
+    except the first layer's) per training image, 2 x forward per test image."""
+    layers = gemm_shapes(math.prod(data.input_shape), hidden, data.num_classes)
+    forward = sum(i * o for i, o in layers)
+    train = forward * 2 + sum(i * o for i, o in layers[1:])
+    return 2.0 * (train * len(data.train_labels) + forward * len(data.test_labels))
+
+
+def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype, hidden: Sequence[int] = (512, 512)) -> Callable[[], float]:
+    """The epoch's matrix multiplies alone, back to back, outputs preallocated."""
+    layers = gemm_shapes(math.prod(data.input_shape), hidden, data.num_classes)
+    n_train, n_test = len(data.train_labels), len(data.test_labels)
+
+    def operands(batch: int, backward: bool) -> list[Callable[[], None]]:
+        calls: list[Callable[[], None]] = []
+        for index, (i, o) in enumerate(layers):
+            x, w, y = torch.rand(batch, i, dtype=dtype), torch.rand(o, i, dtype=dtype), torch.empty(batch, o, dtype=dtype)
+            calls.append(lambda x=x, w=w, y=y: torch.mm(x, w.t(), out=y))
+            if backward:
+                g, dw = torch.rand(batch, o, dtype=dtype), torch.empty(o, i, dtype=dtype)
+                calls.append(lambda g=g, x=x, dw=dw: torch.mm(g.t(), x, out=dw))
+                if index > 0:  # the first layer's input needs no gradient
+                    dx = torch.empty(batch, i, dtype=dtype)
+                    calls.append(lambda g=g, w=w, dx=dx: torch.mm(g, w, out=dx))
+        return calls
+
+    def steps(n: int, batch: int) -> list[int]:
+        return [batch] * (n // batch) + ([n % batch] if n % batch else [])
+
+    plan = [(operands(b, True), count) for b, count in _counts(steps(n_train, batch_size))]
+    plan += [(operands(b, False), count) for b, count in _counts(steps(n_test, 1024))]
 
     def run() -> float:
         start = time.perf_counter()
-        train_epoch(
-            trainer.model,
-            trainer.optimizer,
-            trainer.train_images,
-            trainer.train_labels,
-            batch_size=batch_size,
-            generator=torch.Generator().manual_seed(epoch_seed(42, next(epoch))),
-            autocast_dtype=trainer.amp_dtype,
-        )
+        for calls, count in plan:
+            for _ in range(count):
+                for call in calls:
+                    call()
         return time.perf_counter() - start
 
     return run
+
+
+def _counts(batches: list[int]) -> list[tuple[int, int]]:
+    return [(b, batches.count(b)) for b in dict.fromkeys(batches)]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def speed(data: Dataset, batch_size: int, repeats: int) -> dict[str, float]:
@@ -104,7 +181,10 @@ def speed(data: Dataset, batch_size: int, repeats: int) -> dict[str, float]:
         "tutorial (DataLoader + ToTensor, fp32)": time_tutorial(data, batch_size),
         "ours (tensor-resident, fp32)": time_ours(data, batch_size, "fp32"),
         f"ours (tensor-resident, auto = {default})": time_ours(data, batch_size, "auto"),
+        "floor fp32 (the epoch's GEMMs alone)": time_floor(data, batch_size, torch.float32),
     }
+    if default == "bf16":
+        contenders["floor bf16 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.bfloat16)
     for run in contenders.values():  # warm-up: first-call allocations, thread pools
         run()
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -125,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data", help="where cifar10 is found or downloaded (default ./data)")
     p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per contender; the median is reported")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per contender; the median is reported (default 3)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--precision-check", action="store_true", help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
     return p
@@ -133,13 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    flush_denormals(torch.device("cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         data = load_dataset(args.data, args.data_root, cache_dir=args.cache_dir)
     except DataError as exc:
         return fail(PROG, str(exc))
-    print(f"{data!r}; CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
+    print(f"{data!r}; {cpu_name()} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.precision_check:
         runs = precision_check(data)
         for precision, history in runs:
@@ -152,12 +234,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bf16 - fp32: test_accuracy {gap:+.2f} points; largest train_loss gap over the epochs {worst:.4f}")
         return 0
     medians = speed(data, args.batch_size, args.repeats)
-    baseline = next(iter(medians.values()))
-    print(f"one training epoch at batch {args.batch_size}, median of {args.repeats}:")
-    for name, seconds in medians.items():
-        print(f"  {name:<42} {seconds:7.2f} s   {baseline / seconds:5.2f}x")
-    print(f"speed-up of ours (default precision) over the tutorial: {baseline / list(medians.values())[-1]:.2f}x")
+    print_speed(medians, data, args.batch_size, args.repeats)
     return 0
+
+
+def print_speed(medians: dict[str, float], data: Dataset, batch_size: int, repeats: int) -> None:
+    names = list(medians)
+    tutorial, fp32, ours = (medians[n] for n in names[:3])
+    floors = {n.split()[1]: medians[n] for n in names[3:]}
+    flops = epoch_flops(data, batch_size=batch_size)
+    print(f"one whole epoch (train + test) at batch {batch_size}, median of {repeats}:")
+    for name in names[:3]:
+        print(f"  {name:<42} {medians[name]:7.2f} s   {tutorial / medians[name]:5.2f}x")
+    for name in names[3:]:
+        print(f"  {name:<42} {medians[name]:7.2f} s   {flops / medians[name] / 1e9:5.0f} GFLOP/s")
+    own = "bf16" if "bf16" in floors and names[2].endswith("bf16)") else "fp32"
+    print(f"speed-up of ours (default precision) over the tutorial: {tutorial / ours:.2f}x")
+    print(f"share of this machine's floor: ours {own} {100 * floors[own] / ours:.0f}% of the {own} floor; "
+          f"ours fp32 {100 * floors['fp32'] / fp32:.0f}% of the fp32 floor")
 
 
 if __name__ == "__main__":

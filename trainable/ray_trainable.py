@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,10 @@ STATE_FILE = "state.pt"
 # trials raise. "EPOCH:TIMES:MARKER_DIR[:KEY=VALUE]": at EPOCH, the first TIMES times a trial gets
 # there (counted in MARKER_DIR), only in trials whose config has KEY == VALUE if given.
 FAULT_ENV = "HPTUNE_INJECT_FAULT"
+# Also for tests, so that they wait for events instead of guessing how fast a machine is:
+# "EPOCH:FREE:MARKER_DIR": after reporting EPOCH, every trial but the first FREE to get there
+# waits until MARKER_DIR/release exists (the search cannot end while one waits).
+HOLD_ENV = "HPTUNE_HOLD_TRIALS"
 
 
 def trial_device(gpu_ids: list) -> torch.device:
@@ -47,6 +52,7 @@ def train_trial(
     threads: int,
     checkpoints: Mapping[str, str] | None = None,
     inject_fault: str | None = None,
+    hold: str | None = None,
 ) -> None:
     """Run one trial: `params` (from the searcher) over the `base` configuration.
 
@@ -70,6 +76,8 @@ def train_trial(
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        if hold:
+            _hold(hold, metrics["epoch"])
 
 
 def _inject_fault(spec: str, epoch: int, config: TrainConfig) -> None:
@@ -87,3 +95,19 @@ def _inject_fault(spec: str, epoch: int, config: TrainConfig) -> None:
         with open(marker, "w") as fh:
             fh.write(str(count + 1))
         raise RuntimeError(f"injected fault at epoch {epoch} (test)")
+
+
+def _hold(spec: str, epoch: int, most_seconds: float = 900.0) -> None:
+    at, free, marker_dir = spec.split(":", 2)
+    if epoch != int(at):
+        return
+    arrival = 0
+    while True:  # the n-th trial to get here creates arrived-n (atomically, across processes)
+        try:
+            os.close(os.open(os.path.join(marker_dir, f"arrived-{arrival}"), os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            arrival += 1
+    deadline = time.monotonic() + most_seconds  # never hang a forgotten test run for ever
+    while arrival >= int(free) and not os.path.exists(os.path.join(marker_dir, "release")) and time.monotonic() < deadline:
+        time.sleep(0.05)

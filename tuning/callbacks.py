@@ -17,6 +17,7 @@ from typing import Any
 from ray import tune
 
 from trainable.config import TrainConfig
+from trainable.fit import slow_epoch_text, slow_epochs
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result
 from tuning.journal import Journal, trials
@@ -54,6 +55,7 @@ class ExperimentCallback(tune.Callback):
         self.mode = mode
         self.metrics = tuple(metrics)
         self.known: set[str] = set()
+        self.first_epoch: dict[str, dict] = {}  # trial id -> its epoch 1 result, to spot stalls
 
     @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -74,6 +76,17 @@ class ExperimentCallback(tune.Callback):
     @_guarded
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.journal.append("epoch", trial=trial.trial_id, **{k: result.get(k) for k in self.metrics})
+        self._warn_if_slow(trial.trial_id, result)
+
+    def _warn_if_slow(self, trial_id: str, result: dict) -> None:
+        """Say so at once when an epoch takes more than 3x its trial's first: a stall is seen, not waited out."""
+        if result.get("epoch") == 1:
+            self.first_epoch[trial_id] = result
+            return
+        first = self.first_epoch.get(trial_id)
+        if first is not None and slow_epochs([first, result]):
+            number = self.searcher.numbers.get(trial_id, "?")
+            print(f"[slow] trial {number}: {slow_epoch_text([first, result])}", flush=True)
 
     @_guarded
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
@@ -103,10 +116,11 @@ class ExperimentCallback(tune.Callback):
         ended = sum(t.done for t in all_trials)
         best = export_mod.best_trial(all_trials, self.mode)
         met = " challenge met" if (this.last or {}).get("challenge_met") else ""
+        slow = f" | {slow_epoch_text(this.epochs)}" if slow_epochs(this.epochs) else ""
         best_text = f"best so far: trial {best.number} ({fmt_result(best)})" if best is not None else ""
         print(
             f"[{ended:>3}/{self.samples}] trial {this.number:>3}{' (baseline)' if this.baseline else ''}: {fmt_params(this.config)} | "
-            f"{fmt_result(this)} | {this.status}{met} | {best_text}",
+            f"{fmt_result(this)} | {this.status}{met}{slow} | {best_text}",
             flush=True,
         )
 

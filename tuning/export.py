@@ -19,7 +19,7 @@ from trainable.cli import OneLineParser, fail
 from trainable.config import TrainConfig
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_text
-from trainable.fit import METRICS
+from trainable.fit import METRICS, slow_epoch_text
 from tuning.journal import ERRORED, INTERRUPTED, RUNNING, Journal, TrialRecord, trials
 from tuning.space import SEARCHABLE
 
@@ -90,11 +90,12 @@ def trials_table(all_trials: Sequence[TrialRecord], running: bool = False) -> pd
         row["best_test_accuracy"] = max((m["test_accuracy"] for m in tested), default=None)
         row["best_test_loss"] = min((m["test_loss"] for m in tested if m.get("test_loss") is not None), default=None)
         row["train_seconds"] = sum(m.get("epoch_seconds") or 0.0 for m in t.epochs)
+        row["slow_epoch"] = slow_epoch_text(t.epochs) or None
         row["error"] = t.error
         if status == ERRORED:
             row["objective"] = None  # an errored trial has no result to rank
         rows.append(row)
-    columns = ["trial", "number", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "error"]
+    columns = ["trial", "number", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "slow_epoch", "error"]
     return pd.DataFrame(rows, columns=columns)
 
 

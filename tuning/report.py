@@ -253,6 +253,10 @@ def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
         met_text = "meets" if t["challenge_met"] == True else "does not meet"  # noqa: E712
         lines.append(f"<p>Tutorial baseline (trial {t['number']}): test accuracy {100 * t['test_accuracy']:.1f}%, "
                      f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}: {met_text} the challenge.</p>")
+    if "slow_epoch" in trials_df:
+        for _, t in trials_df[trials_df["slow_epoch"].notna()].iterrows():
+            lines.append(f"<p class='no'>Trial {t['number']}: {html.escape(str(t['slow_epoch']))} "
+                         f"(a stall: denormal floats, or a busy or swapping machine).</p>")
     return "\n".join(lines)
 
 

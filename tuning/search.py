@@ -312,7 +312,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
     from ray.tune.search.optuna import OptunaSearch
 
     from trainable.fit import METRICS
-    from trainable.ray_trainable import FAULT_ENV, train_trial
+    from trainable.ray_trainable import FAULT_ENV, HOLD_ENV, train_trial
     from tuning.callbacks import ExperimentCallback
     from tuning.searcher import BASELINE, CONTINUES, ASHAKeepingBaseline, FixedFirst
 
@@ -368,6 +368,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         threads=threads,
         checkpoints={t.trial: t.checkpoint for t in pending if t.checkpoint},
         inject_fault=os.environ.get(FAULT_ENV),
+        hold=os.environ.get(HOLD_ENV),
     )
     trainable = tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
     journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
@@ -483,6 +484,8 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
         create_experiment(plan)
         attempt_started = time.time()
         outcome = run_search(plan, data, args, res, started)
+        if outcome == "budget":
+            _mark(plan, "interrupted")  # before export, so trials.csv says interrupted, not running
         if started_ray:
             import ray
 
