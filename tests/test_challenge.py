@@ -1,4 +1,4 @@
-"""The challenge verdict on hand-written histories, and the objective's ordering."""
+"""The challenge verdict on hand-written histories (noise-aware), the objective, the constraints and the ranking."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ import math
 
 import pytest
 
-from trainable.challenge import challenge_score, objective_value, verdict
+from trainable.challenge import verdict
+from tuning.experiment import rank
+from tuning.journal import TrialRecord
+from tuning.objective import constraints, objective_value, stalled
 
 
-def history(train, test):
-    return [{"epoch": i + 1, "train_loss": a, "test_loss": b} for i, (a, b) in enumerate(zip(train, test))]
+def history(train, test, se=0.0, accuracy=0.5):
+    return [{"epoch": i + 1, "train_loss": a, "test_loss": b, "test_loss_se": se, "test_accuracy": accuracy}
+            for i, (a, b) in enumerate(zip(train, test))]
 
 
 def test_met_when_below_and_falling():
     v = verdict(history([2.0, 1.8, 1.6, 1.4, 1.2], [1.9, 1.85, 1.7, 1.6, 1.55]))
-    assert v == {"train_below_test": True, "still_decreasing": True, "challenge_met": True, "crossing_epoch": 2}
+    assert v == {"train_below_test": True, "still_decreasing": True, "above_chance": True, "challenge_met": True, "crossing_epoch": 2}
 
 
 def test_below_but_flat_is_not_met():
@@ -47,19 +51,59 @@ def test_window_needs_enough_epochs():
 
 def test_diverged_history_is_not_met():
     v = verdict(history([2.0, 1.5, math.nan], [1.9, 1.6, math.nan]))
-    assert v == {"train_below_test": False, "still_decreasing": False, "challenge_met": False, "crossing_epoch": None}
+    assert v == {"train_below_test": False, "still_decreasing": False, "above_chance": True, "challenge_met": False,
+                 "crossing_epoch": None}
 
 
-def test_objective_ranks_meeting_the_challenge_first_then_accuracy():
-    met_low = {"test_accuracy": 0.40, "challenge_met": True, "diverged": False, "test_loss": 1.6}
-    met_high = {"test_accuracy": 0.55, "challenge_met": True, "diverged": False, "test_loss": 1.3}
-    unmet_high = {"test_accuracy": 0.60, "challenge_met": False, "diverged": False, "test_loss": 1.2}
-    diverged = {"test_accuracy": 0.10, "challenge_met": False, "diverged": True, "test_loss": math.nan}
-    ranked = sorted([unmet_high, diverged, met_low, met_high], key=challenge_score, reverse=True)
-    assert ranked == [met_high, met_low, unmet_high, diverged]
-    assert objective_value(unmet_high, "test_accuracy") > objective_value(met_high, "test_accuracy")
-    assert objective_value(unmet_high, "test_loss") < objective_value(met_low, "test_loss")
+def test_a_gap_within_the_test_losss_noise_is_not_below():
+    # the synthetic-data case of the issue: 2.2879 against 2.2881 with a standard error of 0.01
+    falling = [2.30, 2.295, 2.29, 2.2879]
+    assert not verdict(history(falling, [2.31, 2.30, 2.295, 2.2881], se=0.01))["train_below_test"]
+    # the same gap with no noise, and a gap of 3 standard errors, are below
+    assert verdict(history(falling, [2.31, 2.30, 2.295, 2.2881], se=0.0))["train_below_test"]
+    assert verdict(history(falling, [2.31, 2.30, 2.295, 2.2879 + 0.03], se=0.01))["challenge_met"]
+
+
+def test_a_run_at_chance_never_meets_the_challenge():
+    # a model that memorises noise: train loss far below test loss, falling, test accuracy 12%
+    v = verdict(history([2.0, 1.5, 1.0, 0.5], [2.4, 2.5, 2.6, 2.7], se=0.01, accuracy=0.12), classes=10)
+    assert v["train_below_test"] and v["still_decreasing"] and not v["above_chance"] and not v["challenge_met"]
+    assert verdict(history([2.0, 1.5, 1.0, 0.5], [2.4, 2.5, 2.6, 2.7], accuracy=0.14), classes=10)["challenge_met"]
+    assert not verdict(history([2.0, 1.5, 1.0, 0.5], [2.4, 2.5, 2.6, 2.7], accuracy=0.14), classes=2)["challenge_met"]
+
+
+def test_objective_is_what_users_want_and_the_challenge_a_constraint():
+    met = {"epoch": 5, "test_accuracy": 0.40, "train_loss": 1.5, "test_loss": 1.6, "test_loss_se": 0.01,
+           "still_decreasing": True, "above_chance": True, "challenge_met": True, "diverged": False}
+    unmet = {**met, "test_accuracy": 0.60, "train_loss": 1.2, "test_loss": 1.2, "challenge_met": False}
+    diverged = {**met, "test_accuracy": 0.10, "diverged": True, "test_loss": math.nan, "train_loss": math.nan}
+    assert objective_value(unmet, "test_accuracy") == 0.60 > objective_value(met, "test_accuracy")
+    assert objective_value(unmet, "test_loss") < objective_value(met, "test_loss")
     # diverged: the worst value, and always finite (Optuna leaves NaN trials RUNNING forever)
-    assert objective_value(diverged, "challenge") == -1.0
-    assert objective_value(diverged, "test_loss") == 1e9
-    assert objective_value(diverged, "test_accuracy") == -1.0
+    assert objective_value(diverged, "test_loss") == 1e9 and objective_value(diverged, "test_accuracy") == -1.0
+    # feasible when every constraint is <= 0; train_below_test says by how much it is missed
+    assert all(v <= 0 for v in constraints(met).values())
+    assert constraints(unmet)["train_below_test"] == pytest.approx(0.02)
+    assert constraints({**met, "still_decreasing": False})["still_decreasing"] > 0
+    assert all(v > 0 for k, v in constraints(diverged).items() if k == "train_below_test")
+
+
+def trial(number, accuracy, met, status_epochs=5, epochs=5, **extra):
+    last = {"epoch": status_epochs, "test_accuracy": accuracy, "objective": accuracy, "challenge_met": met, **extra}
+    return TrialRecord(trial=f"t{number}", number=number, params={}, config={"epochs": epochs}, epochs=[last], ended=True)
+
+
+def test_rank_puts_the_most_accurate_trial_meeting_the_challenge_first():
+    met_low, met_high, unmet_high = trial(1, 0.40, True), trial(2, 0.55, True), trial(3, 0.60, False)
+    interrupted = trial(4, 0.70, True, status_epochs=2)
+    interrupted.ended = False
+    diverged = trial(5, -1.0, False, diverged=True)
+    assert [t.number for t in rank([unmet_high, diverged, met_low, met_high, interrupted], "max")] == [2, 1, 3]
+    # none meets it: the most accurate trial wins
+    assert rank([trial(1, 0.3, False), trial(2, 0.5, False)], "max")[0].number == 2
+
+
+def test_a_trial_at_chance_after_its_first_epoch_is_stalled():
+    assert stalled({"epoch": 1, "test_accuracy": 0.10}, classes=10)
+    assert not stalled({"epoch": 1, "test_accuracy": 0.127}, classes=10)  # the tutorial's first epoch
+    assert not stalled({"epoch": 2, "test_accuracy": 0.10}, classes=10)  # judged once, after epoch 1

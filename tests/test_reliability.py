@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.fixtures import write_image_folder
-from trainable.ray_trainable import FAULT_ENV, HOLD_ENV
+from tuning.ray_run import FAULT_ENV, HOLD_ENV
 from tuning.journal import Journal, trials
 from tuning.search import main as search
 

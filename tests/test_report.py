@@ -1,4 +1,4 @@
-"""tuning/report.py: tables from hand-made CSV files, figures smoke-rendered, clear errors."""
+"""tuning/report.py: tables from a hand-made experiment journal, figures smoke-rendered, clear errors."""
 
 from __future__ import annotations
 
@@ -11,52 +11,75 @@ import pytest
 
 from tuning.report import FIGURES, curves_table, lr_table, main as report, progress_table, top_trials, write_report
 
-TRIALS = """trial,number,status,baseline,lr,batch_size,epochs,optimizer,momentum,weight_decay,schedule,epochs_run,train_loss,train_accuracy,test_loss,test_accuracy,train_below_test,still_decreasing,challenge_met,crossing_epoch,objective,best_test_accuracy,best_test_loss,train_seconds,error
-a,1,finished,True,0.001,64,3,sgd,0.0,0.0,constant,3,1.95,0.30,1.93,0.31,False,True,False,,0.31,0.31,1.93,9.0,
-b,2,finished,False,0.02,256,3,nesterov,0.9,1e-4,cosine,3,1.10,0.60,1.30,0.53,True,True,True,2,1.53,0.53,1.30,6.0,
-c,3,early-stopped,False,0.0005,128,3,adam,0.9,0.0,constant,1,2.00,0.25,1.90,0.33,False,False,False,,0.33,0.33,1.90,2.0,
-d,4,diverged,False,5.0,64,3,sgd,0.9,0.0,constant,2,,0.10,,0.10,False,False,False,,-1.0,0.12,2.2,3.0,
-e,5,errored,False,0.01,512,3,adamw,0.9,0.0,constant,0,,,,,,,,,,,,0.0,RuntimeError: injected fault at epoch 1 (test)
-f,6,finished,False,0.01,128,3,sgd,0.9,0.0,constant,3,1.20,0.57,1.35,0.50,True,True,True,3,1.50,0.50,1.35,6.0,
+# One row per trial: how it ended (its epochs are below)
+TRIALS = """trial,number,baseline,lr,batch_size,epochs,optimizer,momentum,weight_decay,schedule,error
+a,1,True,0.001,64,3,sgd,0.0,0.0,constant,
+b,2,False,0.02,256,3,nesterov,0.9,1e-4,cosine,
+c,3,False,0.0005,128,3,adam,0.9,0.0,constant,
+d,4,False,5.0,64,3,sgd,0.9,0.0,constant,
+e,5,False,0.01,512,3,adamw,0.9,0.0,constant,RuntimeError: injected fault at epoch 1 (test)
+f,6,False,0.01,128,3,sgd,0.9,0.0,constant,
 """
-EPOCHS = """trial,number,epoch,train_loss,train_accuracy,test_loss,test_accuracy,epoch_seconds,samples_per_second,diverged,train_below_test,still_decreasing,challenge_met,crossing_epoch,challenge_score,objective
-a,1,1,2.28,0.12,2.26,0.18,3,1000,False,False,False,False,,0.18,0.18
-a,1,2,2.10,0.22,2.05,0.25,3,1000,False,False,False,False,,0.25,0.25
-a,1,3,1.95,0.30,1.93,0.31,3,1000,False,False,True,False,,0.31,0.31
-b,2,1,1.90,0.35,1.70,0.40,2,1000,False,False,False,False,,0.40,0.40
-b,2,2,1.40,0.50,1.45,0.48,2,1000,False,True,False,False,2,0.48,0.48
-b,2,3,1.10,0.60,1.30,0.53,2,1000,False,True,True,True,2,1.53,1.53
-c,3,1,2.00,0.25,1.90,0.33,2,1000,False,False,False,False,,0.33,0.33
-d,4,1,2.30,0.10,2.20,0.12,1.5,1000,False,False,False,False,,0.12,0.12
-d,4,2,,0.10,,0.10,1.5,1000,True,False,False,False,,-1.0,-1.0
-f,6,1,1.95,0.30,1.80,0.36,2,1000,False,False,False,False,,0.36,0.36
-f,6,2,1.50,0.45,1.55,0.44,2,1000,False,True,False,False,2,0.44,0.44
-f,6,3,1.20,0.57,1.35,0.50,2,1000,False,True,True,True,3,1.50,1.50
+EPOCHS = """trial,epoch,train_loss,train_accuracy,test_loss,test_accuracy,test_loss_se,epoch_seconds,diverged,train_below_test,still_decreasing,above_chance,challenge_met,crossing_epoch
+a,1,2.28,0.12,2.26,0.18,0.01,3,False,False,False,True,False,
+a,2,2.10,0.22,2.05,0.25,0.01,3,False,False,False,True,False,
+a,3,1.95,0.30,1.93,0.31,0.01,3,False,False,True,True,False,
+b,1,1.90,0.35,1.70,0.40,0.01,2,False,False,False,True,False,
+b,2,1.40,0.50,1.45,0.48,0.01,2,False,True,False,True,False,2
+b,3,1.10,0.60,1.30,0.53,0.01,2,False,True,True,True,True,2
+c,1,2.00,0.25,1.90,0.33,0.01,2,False,False,False,True,False,
+d,1,2.30,0.10,2.20,0.12,0.01,1.5,False,False,False,False,False,
+d,2,,0.10,,0.10,,1.5,True,False,False,False,False,
+f,1,1.95,0.30,1.80,0.36,0.01,2,False,False,False,True,False,
+f,2,1.50,0.45,1.55,0.44,0.01,2,False,True,False,True,False,2
+f,3,1.20,0.57,1.35,0.50,0.01,2,False,True,True,True,True,3
 """
-META = {"name": "hand", "exp_dir": "", "command": "python tuning/search.py --samples 6 --name hand", "samples": 6, "objective": "challenge",
-        "metric": "objective", "mode": "max", "challenge_window": 1, "space": {"lr": "0.0001 .. 0.3 (log)"}, "status": "finished"}
+META = {"name": "hand", "command": "python tuning/search.py --samples 6 --name hand", "samples": 6,
+        "objective": "test_accuracy", "metric": "objective", "mode": "max", "challenge_window": 1,
+        "space": {"lr": "0.0001 .. 0.3 (log)"}, "status": "finished"}
+
+
+def write_journal(exp, trials_csv=TRIALS, epochs_csv=EPOCHS):
+    """The journal a search would have written for these trials and epochs."""
+    import io
+
+    from tuning.journal import Journal
+
+    journal = Journal(exp)
+    trials, epochs = pd.read_csv(io.StringIO(trials_csv)), pd.read_csv(io.StringIO(epochs_csv))
+    for _, t in trials.iterrows():
+        params = {k: t[k].item() if hasattr(t[k], "item") else t[k] for k in ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")}
+        config = {**params, "seed": 42, "precision": "auto", "hidden": [512, 512], "data": "synthetic", "data_root": "data"}
+        journal.append("trial", trial=t["trial"], number=int(t["number"]), params=params, config=config, baseline=bool(t["baseline"]))
+        for _, m in epochs[epochs["trial"] == t["trial"]].iterrows():
+            metrics = {k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v)) for k, v in m.items() if k != "trial"}
+            metrics["objective"] = -1.0 if metrics["diverged"] else metrics["test_accuracy"]
+            journal.append("epoch", trial=t["trial"], **metrics)
+        journal.append("end", trial=t["trial"], error=None if pd.isna(t["error"]) else t["error"])
 
 
 @pytest.fixture
 def hand_made(tmp_path):
     exp = tmp_path / "hand"
     exp.mkdir()
-    (exp / "trials.csv").write_text(TRIALS)
-    (exp / "epochs.csv").write_text(EPOCHS)
-    (exp / "experiment.json").write_text(json.dumps({**META, "exp_dir": str(exp)}))
+    write_journal(exp)
+    (exp / "experiment.json").write_text(json.dumps(META))
     (exp / "best_config.yaml").write_text("lr: 0.02\nbatch_size: 256\n")
     return exp
 
 
 def tables(exp):
-    return pd.read_csv(exp / "trials.csv"), pd.read_csv(exp / "epochs.csv")
+    from tuning.experiment import Experiment
+    from tuning.report import read_tables
+
+    return read_tables(Experiment.load(exp))
 
 
 def test_top_k_is_best_objective_first_without_errored(hand_made):
     trials, _ = tables(hand_made)
+    # the two meeting the challenge first (most accurate first), then the others by accuracy
     assert top_trials(trials, "max", 3)["trial"].tolist() == ["b", "f", "c"]
-    assert top_trials(trials, "min", 2)["trial"].tolist() == ["d", "a"]
-    assert "e" not in top_trials(trials, "max", 10)["trial"].tolist()
+    assert top_trials(trials, "max", 10)["trial"].tolist() == ["b", "f", "c", "a"]  # not diverged d, errored e
 
 
 def test_curves_are_the_top_trials_and_the_baseline(hand_made):
@@ -71,7 +94,7 @@ def test_progress_keeps_the_best_so_far_and_the_statuses(hand_made):
     trials, _ = tables(hand_made)
     progress = progress_table(trials, "max")
     assert progress["number"].tolist() == [1, 2, 3, 4, 5, 6]
-    assert progress["best_so_far"].tolist() == [0.31, 1.53, 1.53, 1.53, 1.53, 1.53]
+    assert progress["best_so_far"].tolist() == [0.31, 0.53, 0.53, 0.53, 0.53, 0.53]
     assert math.isnan(progress["objective"][4]) and progress["status"][4] == "errored"
     assert progress["status"][3] == "diverged"
 
@@ -111,7 +134,5 @@ def test_missing_or_empty_experiment_is_one_clear_error(cli, tmp_path):
     exp = tmp_path / "notrials"
     exp.mkdir()
     (exp / "experiment.json").write_text(json.dumps(META))
-    (exp / "trials.csv").write_text(TRIALS.splitlines()[0] + "\n")
-    (exp / "epochs.csv").write_text(EPOCHS.splitlines()[0] + "\n")
     status, _, err = cli(report, [str(exp)])
     assert status == 2 and "has no trials yet" in err

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from trainable.config import TrainConfig
-from trainable.ray_trainable import HOLD_ENV
+from tuning.ray_run import HOLD_ENV
 from tuning.journal import Journal
 from tuning.search import main as search
 
@@ -49,15 +49,16 @@ def test_search_writes_consistent_outputs(cli, tmp_path):
     last = epochs.sort_values("epoch").groupby("trial").tail(1).set_index("trial")
     assert (last.loc[trials["trial"], "test_accuracy"].values == trials["test_accuracy"].values).all()
     # best_config.yaml is the best row's configuration, loadable unchanged by python -m trainable
-    best_row = trials.sort_values("objective", ascending=False).iloc[0]
+    best_row = trials[trials["rank"] == 1].iloc[0]
     best = TrainConfig.load(exp / "best_config.yaml")
     assert (best.lr, best.batch_size, best.optimizer) == (best_row["lr"], best_row["batch_size"], best_row["optimizer"])
     assert best.epochs == 2 and best.data == "synthetic"
-    # the Optuna study in optuna.db saw every trial, with the objective as its value
+    # the Optuna study in optuna.db saw every trial: finished ones with the objective as their value
     study = optuna.load_study(study_name="exp", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 4
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4
-    assert sorted(round(t.value, 6) for t in complete) == sorted(round(v, 6) for v in trials["objective"])
+    finished = trials[trials["status"] == "finished"]
+    assert sorted(round(t.value, 6) for t in complete) == sorted(round(v, 6) for v in finished["objective"])
     # the console: one line per trial and a summary naming the files
     assert sum(line.startswith("[") for line in out.splitlines()) == 4
     assert "trials.csv" in out and "best_config.yaml" in out
@@ -89,6 +90,19 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     assert (row["lr"], row["batch_size"], row["optimizer"], row["epochs"]) == (1e-3, 64, "sgd", 10)
     assert row["epochs_run"] == 10 and row["status"] == "finished"
     assert "Baseline  trial  1" in out
+    # Optuna has every trial: the baseline as a finished trial of its own (its momentum and weight
+    # decay of 0 lie outside the space and are named), the early-stopped ones as PRUNED with the
+    # objective of each epoch they ran, and the challenge's constraints on each
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{tmp_path / 'results' / 'exp' / 'optuna.db'}")
+    assert len(study.trials) == 5
+    (base_trial,) = [t for t in study.trials if t.user_attrs.get("baseline")]
+    assert base_trial.state == optuna.trial.TrialState.COMPLETE and len(base_trial.intermediate_values) == 10
+    assert base_trial.user_attrs["outside_space"] == {"lr": 1e-3, "optimizer": "sgd", "batch_size": 64}  # this space cannot hold them
+    stopped = trials[trials["status"] == "early-stopped"]
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(stopped) >= 1 and len(pruned) == len(stopped)
+    assert sorted(len(t.intermediate_values) for t in pruned) == sorted(stopped["epochs_run"])
+    assert all(any(k.startswith("constraints") for k in t.system_attrs) for t in study.trials)
 
 
 def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path):
@@ -152,10 +166,10 @@ def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp
     baseline = trials[trials["baseline"]].iloc[0]
     assert baseline["epochs"] == 10 and baseline["lr"] == 1e-3  # the tutorial's run, not the space's 8 epochs
     assert not baseline["challenge_met"] and baseline["train_loss"] >= baseline["test_loss"]
-    best = trials.sort_values("objective", ascending=False).iloc[0]
-    assert best["challenge_met"] and not best["baseline"] and best["train_loss"] < best["test_loss"]
-    assert "Challenge (train loss below test loss and still falling): met by" in out
-    assert "(the tutorial's configuration)" in out and "challenge not met (train_loss >= test_loss)" in out
+    best = trials[trials["rank"] == 1].iloc[0]
+    assert best["challenge_met"] and not best["baseline"] and best["train_loss"] < best["test_loss"] - 2 * best["test_loss_se"]
+    assert "Challenge (train loss below test loss by more than 2 standard errors, still falling, above chance): met by" in out
+    assert "(the tutorial's configuration)" in out and "challenge not met (train_loss" in out and "(2 SE)" in out
     assert best_config_header(exp).startswith("# Best trial of experiment exp")
     assert "# confirmed with 1 new seeds; test_accuracy" in best_config_header(exp)
     assert "lucky seed" in best_config_header(exp)
@@ -189,7 +203,7 @@ def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path, mon
     markers.mkdir()
     monkeypatch.setenv(HOLD_ENV, f"1:1:{markers}")
     space = "lr: {low: 0.01, high: 0.03}\nbatch_size: [256]\nepochs: 2\noptimizer: [sgd]\n"
-    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline", "--time-budget", "30")
+    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline", "--no-early-stop", "--time-budget", "30")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     assert 2 <= len(trials) < 50 and "Time budget of 30 s reached" in out
@@ -204,16 +218,17 @@ def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path, mon
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc"])
 def test_every_sampler_can_search_the_default_space(sampler):
-    from tuning.search import make_sampler
     from tuning.space import default_space
+    from tuning.study import make_sampler
 
     space = default_space()
     study = optuna.create_study(sampler=make_sampler(sampler, seed=0), direction="maximize")
     for _ in range(8):  # past the samplers' start-up trials
-        trial = study.ask(space.distributions)
-        study.tell(trial, -abs(trial.params["lr"] - 0.02))
+        trial = study.ask()
+        values = space.suggest(trial)
+        study.tell(trial, -abs(values["lr"] - 0.02))
     assert len(study.trials) == 8
-    assert all(space.distributions["lr"].low <= t.params["lr"] <= space.distributions["lr"].high for t in study.trials)
+    assert all(1e-4 <= t.params["lr"] <= 0.1 for t in study.trials)
 
 
 def test_a_ray_trial_flushes_subnormal_floats(tmp_path):
@@ -223,7 +238,7 @@ def test_a_ray_trial_flushes_subnormal_floats(tmp_path):
     from ray import tune
 
     from trainable.data import make_synthetic
-    from trainable.ray_trainable import train_trial
+    from tuning.ray_run import train_trial
 
     def trial(config, data):
         torch.set_flush_denormal(False)  # a fresh worker's default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import optuna.distributions as od
 import pytest
 
@@ -11,27 +12,70 @@ from tuning.space import DEFAULT_SPACE, SpaceError, default_space, load_space, p
 
 def test_default_space_searches_every_tutorial_hyperparameter():
     space = default_space()
-    assert set(space.distributions) == set(DEFAULT_SPACE)
-    assert space.distributions["lr"].log
-    assert space.distributions["batch_size"].choices == (64, 128, 256, 512)  # powers of two
-    assert isinstance(space.distributions["epochs"], od.IntDistribution)
+    assert set(space.searched) == set(DEFAULT_SPACE)
+    (batch,) = space.cases("batch_size")
+    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(6, 9)
+    assert isinstance(space.cases("epochs")[0].distribution, od.IntDistribution)
+
+
+def ask(space, sampler_seed=0, n=40):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed))
+    samples = []
+    for _ in range(n):
+        trial = study.ask()
+        samples.append(space.suggest(trial))
+        study.tell(trial, 0.0)
+    return samples
+
+
+def test_default_space_is_define_by_run():
+    """Momentum only where it does something; each optimizer family its own learning rates;
+    batch sizes powers of two."""
+    samples = ask(default_space())
+    assert {s["optimizer"] for s in samples} == {"sgd", "nesterov", "adam", "adamw"}
+    for s in samples:
+        sgd = s["optimizer"] in ("sgd", "nesterov")
+        assert ("momentum" in s) == sgd
+        assert (1e-3 <= s["lr"] <= 0.1) if sgd else (1e-4 <= s["lr"] <= 5e-3)
+        assert s["batch_size"] in (64, 128, 256, 512)
+        TrainConfig.from_dict(s)  # every sample is a valid configuration
+
+
+def test_a_configuration_outside_the_space_keeps_what_it_can():
+    space = default_space()
+    tutorial = TrainConfig().to_dict()  # SGD without momentum or weight decay
+    params, distributions, skipped = space.optuna_point(tutorial)
+    assert sorted(skipped) == ["momentum", "weight_decay"]  # 0 is outside their ranges
+    assert params == {"optimizer": "sgd", "lr": 1e-3, "batch_size_log2": 6, "epochs": 10, "schedule": "constant"}
+    assert set(distributions) == set(params)
 
 
 def test_smoke_space_leaves_epochs_to_the_base_configuration():
     space = default_space(smoke_test=True)
-    assert "epochs" not in space.names and set(space.distributions) == set(DEFAULT_SPACE) - {"epochs"}
+    assert "epochs" not in space.names and set(space.searched) == set(DEFAULT_SPACE) - {"epochs"}
 
 
 def test_user_space_from_yaml(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("lr: {low: 1e-4, high: 0.1, log: true}\nbatch_size: {type: pow2, low: 100, high: 600}\nepochs: {low: 3, high: 9}\noptimizer: [adam, adamw]\nmomentum: 0.8\n")
+    path.write_text("lr: {low: 1e-4, high: 0.1, log: true}\nbatch_size: {type: pow2, low: 100, high: 600}\n"
+                    "epochs: {low: 3, high: 9}\noptimizer: [adam, adamw]\nmomentum: 0.8\n")
     space = load_space(path)
-    assert space.distributions["lr"] == od.FloatDistribution(1e-4, 0.1, log=True)  # "1e-4" is a string to YAML 1.1
-    assert space.distributions["batch_size"].choices == (128, 256, 512)
-    assert space.distributions["epochs"] == od.IntDistribution(3, 9)
+    assert space.cases("lr")[0].distribution == od.FloatDistribution(1e-4, 0.1, log=True)  # "1e-4" is a string to YAML 1.1
+    assert space.cases("batch_size")[0].describe() == "128 .. 512 (powers of two)"
+    assert space.cases("epochs")[0].distribution == od.IntDistribution(3, 9)
     assert space.fixed == {"momentum": 0.8}
     config = trial_config(TrainConfig(), space, {"lr": 0.01, "batch_size": 256, "epochs": 4, "optimizer": "adam"})
     assert (config.lr, config.batch_size, config.epochs, config.optimizer, config.momentum) == (0.01, 256, 4, "adam", 0.8)
+
+
+def test_conditional_ranges_from_yaml(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("optimizer: [sgd, adam]\n"
+                    "lr:\n  - {when: {optimizer: sgd}, low: 0.01, high: 0.1, log: true}\n"
+                    "  - {when: {optimizer: adam}, low: 1e-4, high: 1e-3, log: true}\n"
+                    "momentum: {when: {optimizer: [sgd]}, low: 0.8, high: 0.9}\n")
+    for s in ask(load_space(path), n=20):
+        assert (0.01 <= s["lr"] <= 0.1 and 0.8 <= s["momentum"] <= 0.9) if s["optimizer"] == "sgd" else (s["lr"] <= 1e-3 and "momentum" not in s)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +94,11 @@ def test_user_space_from_yaml(tmp_path):
         ({"optimizer": ["nesterov"], "momentum": [0.0, 0.9]}, "nesterov needs momentum > 0"),
         ({"momentum": {"low": 0.5, "high": 1.5}}, "momentum: must be in [0, 1)"),
         ([1, 2], "expected a mapping"),
+        ({"momentum": {"when": {"optimizer": ["sgd"]}, "low": 0.5, "high": 0.9}}, "when optimizer: optimizer must be a list"),
+        ({"optimizer": ["sgd", "adam"], "lr": [{"low": 0.1, "high": 0.2}]}, "lr: a list of ranges needs a `when`"),
+        ({"optimizer": ["sgd", "adam"], "lr": [{"when": {"optimizer": "sgd"}, "low": 0.1, "high": 0.2},
+                                               {"when": {"optimizer": ["sgd", "adam"]}, "low": 0.1, "high": 0.2}]}, "lr: two cases apply when optimizer is sgd"),
+        ({"optimizer": ["sgd"], "lr": {"when": {"optimizer": ["rmsprop"]}, "low": 0.1, "high": 0.2}}, "lr: when optimizer: must be one of"),
     ],
 )
 def test_bad_spaces_name_the_parameter(spec, message):

@@ -85,11 +85,11 @@ def format_epoch(m: dict[str, Any], epochs: int, history: list[dict[str, Any]] |
 def format_verdict(m: dict[str, Any], window: int) -> str:
     if m["diverged"]:
         return "Challenge: not met (training diverged: the loss became NaN or infinite)"
-    relation = "<" if m["train_below_test"] else ">="
     falling = "still falling" if m["still_decreasing"] else f"not falling in each of the last {window} epochs"
     crossing = f", below since epoch {m['crossing_epoch']}" if m["crossing_epoch"] is not None else ""
+    chance = "" if m["above_chance"] else "; test accuracy within 3 points of chance"
     met = "met" if m["challenge_met"] else "not met"
-    return f"Challenge: {met} (train_loss {m['train_loss']:.4f} {relation} test_loss {m['test_loss']:.4f}{crossing}; train loss {falling})"
+    return f"Challenge: {met} ({challenge.gap_text(m)}{crossing}; train loss {falling}{chance})"
 
 
 def free_path(path: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from trainable.fileio import atomic_write_text, read_yaml
+from trainable.fileio import atomic_write_text, read_yaml, yaml_number
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -129,11 +129,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
         return [_coerce(key, v, item_type) for v in value]
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = yaml_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -66,8 +66,8 @@ def our_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, Any]]:
 
 
 def row(epoch: int, trainer: Trainer, last_batch: tuple[float, int] | None, epoch_mean: float) -> dict[str, Any]:
-    after_train, _ = evaluate(trainer.model, trainer.train_images, trainer.train_labels, autocast_dtype=trainer.amp_dtype)
-    test_loss, test_accuracy = evaluate(trainer.model, trainer.test_images, trainer.test_labels, autocast_dtype=trainer.amp_dtype)
+    after_train, _, _ = evaluate(trainer.model, trainer.train_images, trainer.train_labels, autocast_dtype=trainer.amp_dtype)
+    test_loss, test_accuracy, _ = evaluate(trainer.model, trainer.test_images, trainer.test_labels, autocast_dtype=trainer.amp_dtype)
     return {"epoch": epoch, "last_batch": last_batch, "epoch_mean": epoch_mean, "after_epoch": after_train, "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 

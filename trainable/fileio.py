@@ -38,3 +38,13 @@ def read_yaml(path: str | os.PathLike[str], error: type[Exception]) -> Any:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise error(f"{path}: not valid YAML ({problem}{where})") from None
+
+
+def yaml_number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads 1e-3, with no dot, as the string "1e-3": make it the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value

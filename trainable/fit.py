@@ -1,8 +1,9 @@
 """Train one configuration: fit(config, data) yields one metrics dict per epoch. No Ray here.
 
 Metric names (one name each, used unchanged in the CSV files, plots and README):
-epoch, train_loss, train_accuracy, test_loss, test_accuracy, epoch_seconds, samples_per_second,
-diverged, train_below_test, still_decreasing, challenge_met, crossing_epoch, challenge_score.
+epoch, train_loss, train_accuracy, test_loss, test_accuracy, test_loss_se, epoch_seconds,
+samples_per_second, diverged, train_below_test, still_decreasing, above_chance, challenge_met,
+crossing_epoch.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ METRICS = (
     "train_accuracy",
     "test_loss",
     "test_accuracy",
+    "test_loss_se",
     "epoch_seconds",
     "samples_per_second",
     "diverged",
     "train_below_test",
     "still_decreasing",
+    "above_chance",
     "challenge_met",
     "crossing_epoch",
-    "challenge_score",
 )
 
 
@@ -193,6 +195,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         flush_denormals(self.device)
         self.challenge_window = challenge_window
+        self.classes = data.num_classes
         torch.manual_seed(config.seed)
         self.model = build_model(data.input_shape, data.num_classes, config.hidden).to(self.device)
         self.optimizer = make_optimizer(config, self.model.parameters())
@@ -239,7 +242,9 @@ class Trainer:
             autocast_dtype=self.amp_dtype,
         )
         train_seconds = time.perf_counter() - start
-        test_loss, test_accuracy = evaluate(self.model, self.test_images, self.test_labels, autocast_dtype=self.amp_dtype)
+        test_loss, test_accuracy, test_loss_se = evaluate(
+            self.model, self.test_images, self.test_labels, autocast_dtype=self.amp_dtype
+        )
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -247,12 +252,12 @@ class Trainer:
             "train_accuracy": train_accuracy,
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
+            "test_loss_se": test_loss_se,  # standard error of test_loss: its noise
             "epoch_seconds": seconds,  # training and evaluation
             "samples_per_second": len(self.train_labels) / train_seconds,  # training only
             "diverged": not (math.isfinite(train_loss) and math.isfinite(test_loss)),
         }
-        metrics.update(challenge.verdict([*self.history, metrics], self.challenge_window))
-        metrics["challenge_score"] = challenge.challenge_score(metrics)
+        metrics.update(challenge.verdict([*self.history, metrics], self.challenge_window, self.classes))
         self.history.append(metrics)
         return metrics
 

@@ -20,8 +20,8 @@ from trainable.config import TrainConfig
 from trainable.fit import slow_epoch_text, slow_epochs
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result
-from tuning.journal import Journal, trials
-from tuning.searcher import BASELINE, CONTINUES, FixedFirst, hyperparameters
+from tuning.experiment import Experiment
+from tuning.searcher import BASELINE, CONTINUES, StudySearcher, hyperparameters
 
 
 def _guarded(hook: Callable) -> Callable:
@@ -36,23 +36,12 @@ def _guarded(hook: Callable) -> Callable:
 
 
 class ExperimentCallback(tune.Callback):
-    def __init__(
-        self,
-        exp_dir: Path,
-        journal: Journal,
-        *,
-        base: TrainConfig,
-        searcher: FixedFirst,
-        samples: int,
-        mode: str,
-        metrics: Sequence[str],
-    ) -> None:
-        self.exp_dir = exp_dir
-        self.journal = journal
+    def __init__(self, experiment: Experiment, *, base: TrainConfig, searcher: StudySearcher, metrics: Sequence[str]) -> None:
+        self.experiment = experiment
+        self.journal = experiment.journal
         self.base = base
         self.searcher = searcher
-        self.samples = samples
-        self.mode = mode
+        self.samples = experiment.meta["samples"]
         self.metrics = tuple(metrics)
         self.known: set[str] = set()
         self.first_epoch: dict[str, dict] = {}  # trial id -> its epoch 1 result, to spot stalls
@@ -108,13 +97,13 @@ class ExperimentCallback(tune.Callback):
         self._ended(trial.trial_id)
 
     def _ended(self, trial_id: str) -> None:
-        all_trials = trials(self.journal.read())
-        export_mod.export(self.exp_dir, all_trials)  # the CSV files stay current while the search runs
+        all_trials = self.experiment.reload().trials
+        export_mod.export(self.experiment)  # the CSV files stay current while the search runs
         this = next((t for t in all_trials if t.trial == trial_id or trial_id in t.aliases), None)
         if this is None:
             return
         ended = sum(t.done for t in all_trials)
-        best = export_mod.best_trial(all_trials, self.mode)
+        best = self.experiment.best
         met = " challenge met" if (this.last or {}).get("challenge_met") else ""
         slow = f" | {slow_epoch_text(this.epochs)}" if slow_epochs(this.epochs) else ""
         best_text = f"best so far: trial {best.number} ({fmt_result(best)})" if best is not None else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainable import challenge
 from tuning.journal import ERRORED, TrialRecord
 
 
@@ -28,13 +29,19 @@ def _num(value: Any) -> str:
 
 
 def verdict_text(t: TrialRecord, window: int) -> str:
+    """The challenge's verdict with its margin: 'challenge met (train_loss 0.95 < test_loss 1.24 - 0.02 (2 SE), ...)'."""
     last = t.last or {}
     if t.status == ERRORED:
         return f"errored: {t.error}"
     if last.get("diverged"):
         return "diverged: challenge not met"
+    if last.get("train_loss") is None or last.get("test_loss") is None:
+        return "challenge not met (no result)"
+    gap = challenge.gap_text(last)
     if last.get("challenge_met"):
-        return f"challenge met (train below test since epoch {last['crossing_epoch']}, falling over the last {window} epochs)"
+        return f"challenge met ({gap}, below since epoch {last['crossing_epoch']}, falling over the last {window} epochs)"
+    if last.get("above_chance") is False:
+        return f"challenge not met (test accuracy within {100 * challenge.ABOVE_CHANCE:.0f} points of chance; {gap})"
     if last.get("train_below_test"):
-        return f"challenge not met (train below test, but not falling in each of the last {window} epochs)"
-    return "challenge not met (train_loss >= test_loss)"
+        return f"challenge not met ({gap}, but not falling in each of the last {window} epochs)"
+    return f"challenge not met ({gap})"

@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import io
-import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,75 +13,39 @@ from typing import Any
 
 import pandas as pd
 
+from trainable import challenge
 from trainable.cli import OneLineParser, fail
 from trainable.config import TrainConfig
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_text
 from trainable.fit import METRICS, slow_epoch_text
-from tuning.journal import ERRORED, INTERRUPTED, RUNNING, Journal, TrialRecord, trials
+from tuning.experiment import Experiment, ExperimentError, final_objective, rank
+from tuning.journal import ERRORED, INTERRUPTED, RUNNING, TrialRecord
 from tuning.space import SEARCHABLE
 
-EXPERIMENT = "experiment.json"
 TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
 PARAMS = SEARCHABLE
-FINAL = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "train_below_test", "still_decreasing", "challenge_met", "crossing_epoch", "objective")
+FINAL = (
+    "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_loss_se", "train_below_test",
+    "still_decreasing", "above_chance", "challenge_met", "crossing_epoch", "objective",
+)
 
 
-class ExperimentError(RuntimeError):
-    """An experiment folder that cannot be read; the message says which and why."""
-
-
-def read_experiment(exp_dir: str | Path) -> dict[str, Any]:
-    exp_dir = Path(exp_dir)
-    if not exp_dir.is_dir():
-        raise ExperimentError(f"{exp_dir}: no such experiment folder")
-    path = exp_dir / EXPERIMENT
-    if not path.exists():
-        raise ExperimentError(f"{exp_dir}: not an experiment folder (no {EXPERIMENT}; is this the folder tuning/search.py wrote?)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExperimentError(f"{path}: unreadable ({exc})") from None
-
-
-def write_experiment(exp_dir: str | Path, meta: dict[str, Any]) -> None:
-    atomic_write_text(Path(exp_dir) / EXPERIMENT, json.dumps(meta, indent=2) + "\n")
-
-
-def load_trials(exp_dir: str | Path) -> tuple[dict[str, Any], list[TrialRecord]]:
-    meta = read_experiment(exp_dir)
-    return meta, trials(Journal(exp_dir).read())
-
-
-def final_objective(trial: TrialRecord) -> float | None:
-    last = trial.last
-    if last is None or trial.status in (ERRORED,):
-        return None
-    value = last.get("objective")
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def best_trial(all_trials: Sequence[TrialRecord], mode: str) -> TrialRecord | None:
-    """The trial with the best final objective (what Tune and Optuna rank by)."""
-    scored = [t for t in all_trials if final_objective(t) is not None and t.status != INTERRUPTED]
-    if not scored:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(scored, key=lambda t: (sign * final_objective(t), -t.number))  # type: ignore[operator]
-
-
-def trials_table(all_trials: Sequence[TrialRecord], running: bool = False) -> pd.DataFrame:
-    """One row per trial: its hyperparameters, status, epochs run, final and best metrics.
+def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: bool = False) -> pd.DataFrame:
+    """One row per trial: its hyperparameters, status, epochs run, final and best metrics, and
+    its `rank` (1 = the winner, by tuning.experiment.rank; empty for trials without a result).
 
     `running`: the search is still going, so a trial that has not ended is "running", not
     "interrupted".
     """
+    ranks = {t.trial: i for i, t in enumerate(rank(all_trials, mode), start=1)}
     rows = []
     for t in all_trials:
         last = t.last or {}
         tested = [m for m in t.epochs if m.get("test_accuracy") is not None]
         status = RUNNING if running and t.status == INTERRUPTED else t.status
-        row: dict[str, Any] = {"trial": t.trial, "number": t.number, "status": status, "baseline": t.baseline}
+        row: dict[str, Any] = {"trial": t.trial, "number": t.number, "rank": ranks.get(t.trial), "status": status,
+                               "baseline": t.baseline}
         row.update({p: t.config.get(p) for p in PARAMS})
         row["epochs_run"] = len(t.epochs)
         row.update({f: last.get(f) for f in FINAL})
@@ -95,8 +57,8 @@ def trials_table(all_trials: Sequence[TrialRecord], running: bool = False) -> pd
         if status == ERRORED:
             row["objective"] = None  # an errored trial has no result to rank
         rows.append(row)
-    columns = ["trial", "number", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "slow_epoch", "error"]
-    return pd.DataFrame(rows, columns=columns)
+    columns = ["trial", "number", "rank", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "slow_epoch", "error"]
+    return pd.DataFrame(rows, columns=columns).astype({"rank": "Int64"})
 
 
 def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
@@ -106,22 +68,33 @@ def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def best_config_text(meta: dict[str, Any], trial: TrialRecord) -> str:
-    last = trial.last or {}
+def best_config_text(experiment: Experiment, trial: TrialRecord) -> str:
+    meta, last = experiment.meta, trial.last or {}
     config = TrainConfig.from_dict(trial.config)
     accuracy = last.get("test_accuracy")
+    objective = final_objective(trial)
     lines = [
         f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, {trial.status})",
-        f"objective {meta['objective']}: {final_objective(trial):.4f}; test_accuracy {100 * accuracy:.1f}%" if accuracy is not None else "",
+        f"objective {meta['objective']}: {objective:.4f}; test_accuracy {100 * accuracy:.1f}%"
+        if accuracy is not None and objective is not None else "",
         _verdict_line(last, meta.get("challenge_window", 3)),
-        *_confirm_lines(Path(meta["exp_dir"]), accuracy),
-        f"Re-train without Ray: python -m trainable --config {Path(meta['exp_dir']) / BEST_CONFIG}",
+        *_confirm_lines(experiment.folder, accuracy),
+        f"Re-train without Ray: python -m trainable --config {_shown(experiment.folder / BEST_CONFIG)}",
     ]
     buffer = io.StringIO()
     for line in filter(None, lines):
         buffer.write(f"# {line}\n")
     buffer.write(config.to_yaml())
     return buffer.getvalue()
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it: no machine's absolute
+    path goes into a file that is meant to be copied."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _confirm_lines(exp_dir: Path, accuracy: float | None) -> list[str]:
@@ -139,30 +112,28 @@ def _confirm_lines(exp_dir: Path, accuracy: float | None) -> list[str]:
 def _verdict_line(last: dict[str, Any], window: int) -> str:
     if not last:
         return ""
+    if last.get("diverged"):
+        return "challenge not met: training diverged"
+    gap = challenge.gap_text(last)
     if last.get("challenge_met"):
-        return (
-            f"challenge met: train_loss {last['train_loss']:.4f} < test_loss {last['test_loss']:.4f} "
-            f"(below since epoch {last['crossing_epoch']}) and falling in each of the last {window} epochs"
-        )
-    return f"challenge not met: train_below_test={last.get('train_below_test')}, still_decreasing={last.get('still_decreasing')}"
+        return (f"challenge met: {gap} (below since epoch {last['crossing_epoch']}) "
+                f"and falling in each of the last {window} epochs")
+    return (f"challenge not met: {gap}; still_decreasing={last.get('still_decreasing')}, "
+            f"above_chance={last.get('above_chance')}")
 
 
-def export(exp_dir: str | Path, all_trials: Sequence[TrialRecord] | None = None) -> dict[str, Path]:
-    """Write trials.csv, epochs.csv and best_config.yaml (each atomically); returns their paths.
-
-    `all_trials`: the journal's trials if the caller has just read them.
-    """
-    exp_dir = Path(exp_dir)
-    meta = read_experiment(exp_dir)
-    if all_trials is None:
-        all_trials = trials(Journal(exp_dir).read())
-    paths = {"trials": exp_dir / TRIALS_CSV, "epochs": exp_dir / EPOCHS_CSV}
-    atomic_write_text(paths["trials"], trials_table(all_trials, running=meta.get("status") == "running").to_csv(index=False))
-    atomic_write_text(paths["epochs"], epochs_table(all_trials).to_csv(index=False))
-    best = best_trial(all_trials, meta["mode"])
+def export(experiment: Experiment) -> dict[str, Path]:
+    """Write trials.csv, epochs.csv and best_config.yaml (each atomically) from the experiment's
+    trials as loaded; returns their paths."""
+    folder = experiment.folder
+    paths = {"trials": folder / TRIALS_CSV, "epochs": folder / EPOCHS_CSV}
+    table = trials_table(experiment.trials, experiment.mode, running=experiment.running)
+    atomic_write_text(paths["trials"], table.to_csv(index=False))
+    atomic_write_text(paths["epochs"], epochs_table(experiment.trials).to_csv(index=False))
+    best = experiment.best
     if best is not None:
-        paths["best_config"] = exp_dir / BEST_CONFIG
-        atomic_write_text(paths["best_config"], best_config_text(meta, best))
+        paths["best_config"] = folder / BEST_CONFIG
+        atomic_write_text(paths["best_config"], best_config_text(experiment, best))
     return paths
 
 
@@ -171,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("experiment", help="results/<name>")
     args = parser.parse_args(argv)
     try:
-        paths = export(args.experiment)
+        paths = export(Experiment.load(args.experiment))
     except ExperimentError as exc:
         return fail(parser.prog, str(exc))
     for path in paths.values():

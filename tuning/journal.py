@@ -28,8 +28,9 @@ JOURNAL = "journal.jsonl"
 
 # Trial statuses, as shown in trials.csv and the report.
 FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED = "finished", "early-stopped", "diverged", "errored", "interrupted"
+STALLED = "stalled"  # stopped after its first epoch at chance level: it could not learn
 RUNNING = "running"  # shown instead of "interrupted" while the search is still going
-DONE = (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED)
+DONE = (FINISHED, EARLY_STOPPED, STALLED, DIVERGED, ERRORED)
 
 
 class Journal:
@@ -96,6 +97,8 @@ class TrialRecord:
             return DIVERGED
         if last is not None and last["epoch"] >= self.config["epochs"]:
             return FINISHED
+        if last is not None and last.get("stalled"):
+            return STALLED
         if self.ended:
             return EARLY_STOPPED
         return INTERRUPTED

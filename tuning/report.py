@@ -1,8 +1,8 @@
 """python tuning/report.py results/<name>: figures and an HTML page from an experiment folder.
 
-Reads only the files in the folder (experiment.json, trials.csv, epochs.csv, optuna.db and
-confirm.csv if there), so
-it works after the search is gone, on a copied folder, without Ray. Writes results/<name>/report/:
+Reads only the files in the folder (experiment.json and journal.jsonl through
+tuning.experiment.Experiment; optuna.db, best_config.yaml and confirm.csv if there), so it works
+after the search is gone, on a copied folder, without Ray. Writes results/<name>/report/:
 
     learning_curves.png  train and test loss, and test accuracy, per epoch: the best trials and
                          the tutorial's baseline (the tutorial's own figure), crossings marked
@@ -35,6 +35,7 @@ from trainable.cli import OneLineParser, fail, positive_int
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_bytes, atomic_write_text
 from tuning import export as export_mod
+from tuning.experiment import Experiment, ExperimentError
 from tuning.console import fmt_params
 from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING
 
@@ -54,23 +55,17 @@ STATUS_STYLE = {  # marker and colour per trial status, one legend everywhere
 # --- extraction: plain tables from trials.csv and epochs.csv ---------------------------------
 
 
-def read_tables(exp_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    """experiment.json, trials.csv and epochs.csv; ExperimentError if the folder lacks them."""
-    meta = export_mod.read_experiment(exp_dir)
-    paths = [exp_dir / export_mod.TRIALS_CSV, exp_dir / export_mod.EPOCHS_CSV]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise export_mod.ExperimentError(f"{exp_dir}: no {' or '.join(missing)} (python -m tuning.export {exp_dir} writes them)")
-    trials_df, epochs_df = (pd.read_csv(p) for p in paths)
-    if trials_df.empty:
-        raise export_mod.ExperimentError(f"{exp_dir}: the experiment has no trials yet")
-    return meta, trials_df, epochs_df
+def read_tables(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trials and epochs tables (as in trials.csv and epochs.csv) of the experiment."""
+    if not experiment.trials:
+        raise ExperimentError(f"{experiment.folder}: the experiment has no trials yet")
+    trials_df = export_mod.trials_table(experiment.trials, experiment.mode, running=experiment.running)
+    return trials_df, export_mod.epochs_table(experiment.trials)
 
 
 def top_trials(trials_df: pd.DataFrame, mode: str, k: int) -> pd.DataFrame:
-    """The k rows with the best final objective, best first (rows without one are left out)."""
-    scored = trials_df[trials_df["objective"].notna() & (trials_df["status"] != ERRORED)]
-    return scored.sort_values(["objective", "number"], ascending=[mode == "min", True]).head(k)
+    """The k best rows by their `rank` (tuning.experiment.rank), best first."""
+    return trials_df[trials_df["rank"].notna()].sort_values("rank").head(k)
 
 
 def curves_table(trials_df: pd.DataFrame, epochs_df: pd.DataFrame, mode: str, k: int) -> pd.DataFrame:
@@ -100,7 +95,7 @@ def lr_table(trials_df: pd.DataFrame) -> pd.DataFrame:
     return rows[["number", "lr", "batch_size", "test_accuracy", "status"]].reset_index(drop=True)
 
 
-def load_study(exp_dir: Path):  # noqa: ANN201 - optuna.Study or None
+def load_study(exp_dir: Path, name: str):  # noqa: ANN201 - optuna.Study or None
     import optuna
 
     path = exp_dir / "optuna.db"
@@ -108,7 +103,7 @@ def load_study(exp_dir: Path):  # noqa: ANN201 - optuna.Study or None
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.load_study(study_name=export_mod.read_experiment(exp_dir)["name"], storage=f"sqlite:///{path}")
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
     except Exception:  # noqa: BLE001 - a damaged or foreign database: report without it
         return None
 
@@ -273,7 +268,8 @@ document.querySelectorAll('table.trials th').forEach((th, col) => th.addEventLis
 def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, figures: dict[str, bytes]) -> str:
     best_config = exp_dir / export_mod.BEST_CONFIG
     config_text = best_config.read_text() if best_config.exists() else "(no trial produced a result)"
-    shown = trials_df.drop(columns=["trial", "train_below_test", "still_decreasing"]).sort_values("objective", ascending=meta["mode"] == "min", na_position="last")
+    hidden = ["trial", "train_below_test", "still_decreasing", "above_chance"]
+    shown = trials_df.drop(columns=hidden).sort_values(["rank", "number"], na_position="last")
     table_html = shown.to_html(index=False, classes="trials", float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
     confirm_html = ""
     confirm_file = exp_dir / CONFIRM_FILE
@@ -315,13 +311,15 @@ th {{ cursor: pointer; background: #f0f0f0; position: sticky; top: 0; }}
 """
 
 
-def write_report(exp_dir: str | Path, top: int = 5) -> Path:
-    """Draw the figures and write index.html into exp_dir/report/; returns the page's path."""
-    exp_dir = Path(exp_dir)
-    meta, trials_df, epochs_df = read_tables(exp_dir)
+def write_report(experiment: Experiment | str | Path, top: int = 5) -> Path:
+    """Draw the figures and write index.html into <folder>/report/; returns the page's path."""
+    if not isinstance(experiment, Experiment):
+        experiment = Experiment.load(experiment)
+    exp_dir, meta = experiment.folder, experiment.meta
+    trials_df, epochs_df = read_tables(experiment)
     out = exp_dir / "report"
     out.mkdir(exist_ok=True)
-    study = load_study(exp_dir)
+    study = load_study(exp_dir, meta["name"])
     plot_learning_curves(curves_table(trials_df, epochs_df, meta["mode"], top), out / FIGURES[0], meta["challenge_window"])
     plot_progress(progress_table(trials_df, meta["mode"]), out / FIGURES[1], meta["objective"])
     plot_what_mattered(lr_table(trials_df), study, out / FIGURES[2])
@@ -342,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         page = write_report(args.experiment, top=args.top)
-    except export_mod.ExperimentError as exc:
+    except ExperimentError as exc:
         return fail(PROG, str(exc))
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:  # unreadable CSVs, unwritable report/
         return fail(PROG, f"{args.experiment}: cannot draw the report ({exc})")

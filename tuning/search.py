@@ -29,21 +29,22 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python tuning/search.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from filelock import FileLock, Timeout
-
 from trainable import challenge
 from trainable.cli import OneLineParser, UsageError, fail, non_negative_int, positive_int
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
+from tuning import experiment as experiment_mod
 from tuning import export as export_mod
 from tuning.console import fmt_params, fmt_result, verdict_text
+from tuning.experiment import Experiment, ExperimentError
+from tuning.journal import DIVERGED, DONE, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, STALLED, Journal
+from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from tuning.report import write_report
-from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, Journal, TrialRecord, trials
-from tuning.space import SpaceError, Space, default_space, load_space, trial_config
+from tuning.space import Space, SpaceError, default_space, load_space, trial_config
+from tuning.study import SAMPLERS
 
 PROG = "python tuning/search.py"
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
 INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
 
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0); training seeds come from the configuration")
     s.add_argument("--space", metavar="YAML", help="search space replacing the default (same parameter names as the configuration)")
     s.add_argument("--config", metavar="YAML", help="base configuration for everything the space does not search (default: the tutorial's)")
-    s.add_argument("--objective", choices=list(challenge.OBJECTIVES), default="challenge", help="challenge (default): trials meeting the tutorial's challenge rank first, then by test accuracy")
+    s.add_argument("--objective", choices=list(OBJECTIVES), default=DEFAULT_OBJECTIVE,
+                   help="what ASHA and Optuna steer by (default test_accuracy); the challenge is a constraint, and the "
+                        "winner is the best trial that meets it")
     s.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
     s.add_argument("--no-baseline", action="store_true", help="do not run the tutorial's configuration as the first trial")
     s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
@@ -91,19 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
 # --- planning: everything that can be checked before Ray starts ------------------------------
 
 
-class SearchIncomplete(RuntimeError):
-    """Tune returned with trials still to run."""
-
-
 @dataclass
 class Plan:
-    exp_dir: Path
     meta: dict[str, Any]
     space: Space
     base: TrainConfig
-    resumed: bool
-    replaces: Path | None = None  # an earlier experiment of this name, moved aside on --restart
-    lock: Any = None  # held while this process runs the experiment
+    claim: experiment_mod.Claim  # the lock on results/<name>, and what was there
+
+    @property
+    def folder(self) -> Path:
+        return self.claim.folder
+
+    @property
+    def resumed(self) -> bool:
+        return self.claim.old_meta is not None and self.claim.replaces is None
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -139,7 +143,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         except ConfigError as exc:
             raise UsageError(f"the tutorial's baseline is not a valid configuration over this base ({exc}); use --no-baseline") from None
     samples = args.samples or (SMOKE_SAMPLES if args.smoke_test else DEFAULT_SAMPLES)
-    metric_mode = challenge.OBJECTIVES[args.objective][1]
+    metric_mode = OBJECTIVES[args.objective][1]
     fingerprint = {
         "samples": samples,
         "space": space.describe(),
@@ -154,62 +158,37 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     results = Path(args.results_dir).expanduser().resolve()
     _check_writable(results)
     name = args.name or dt.datetime.now().strftime("search-%Y%m%d-%H%M%S")
-    if not name or "/" in name or name.startswith("."):
-        raise UsageError(f"--name {name!r}: use a plain folder name")
-    exp_dir = results / name
-    lock = FileLock(str(results / f".{name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UsageError(f"another search is running experiment {exp_dir} right now") from None
-    resumed, replaces = False, None
-    if exp_dir.exists() and any(exp_dir.iterdir()):
-        if not (exp_dir / export_mod.EXPERIMENT).exists():
-            raise UsageError(f"{exp_dir} exists and is not an experiment folder; choose another --name")
-        old = export_mod.read_experiment(exp_dir)
-        if args.restart:
-            replaces = exp_dir  # moved aside only once the input has been checked
-        elif old.get("status") == "finished":
-            raise UsageError(f"{exp_dir} is a finished experiment; use --restart to run it again (the old one is kept) or choose another --name")
-        else:
-            changed = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
-            if changed:
-                raise UsageError(f"{exp_dir} was started with different settings ({', '.join(changed)}); resume it with its own command:  {old.get('command')}  or use --restart")
-            resumed = True
-    meta = {
-        "name": name,
-        "exp_dir": str(exp_dir),
-        "command": resume_command(argv, name),
-        "samples": samples,
-        "objective": args.objective,
-        "metric": "objective",
-        "mode": metric_mode,
-        "challenge_window": args.challenge_window,
-        "space": space.describe(),
-        "base_config": base.to_dict(),
-        "fingerprint": fingerprint,
-        "status": "running",
-        "created": dt.datetime.now().isoformat(timespec="seconds"),
-    }
-    if resumed:
-        meta = {**old, "status": "running", "command": old.get("command", meta["command"])}
-    return Plan(exp_dir, meta, space, base, resumed, replaces, lock)
+    claimed = experiment_mod.claim(results, name, restart=args.restart)
+    old = claimed.old_meta
+    if old is not None and claimed.replaces is None:
+        changed = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+        if changed:
+            claimed.release()
+            raise UsageError(f"{claimed.folder} was started with different settings ({', '.join(changed)}); "
+                             f"resume it with its own command:  {old.get('command')}  or use --restart")
+        meta = {**old, "status": "running", "command": old.get("command", resume_command(argv, name))}
+    else:
+        meta = {
+            "name": name,
+            "command": resume_command(argv, name),
+            "samples": samples,
+            "objective": args.objective,
+            "metric": "objective",
+            "mode": metric_mode,
+            "challenge_window": args.challenge_window,
+            "space": space.describe(),
+            "base_config": base.to_dict(),
+            "fingerprint": fingerprint,
+            "status": "running",
+            "created": dt.datetime.now().isoformat(timespec="seconds"),
+        }
+    return Plan(meta, space, base, claimed)
 
 
 def resume_command(argv: Sequence[str], name: str) -> str:
     """The command that continues this experiment: the user's, with --name, without --restart."""
     argv = [a for a in argv if a != "--restart"]
     return command_line(argv if "--name" in argv else [*argv, "--name", name])
-
-
-def create_experiment(plan: Plan) -> None:
-    """Write experiment.json: only once the data loaded and the cluster can run the trials."""
-    if plan.replaces is not None and plan.replaces.exists():
-        aside = plan.replaces.with_name(f"{plan.replaces.name}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
-        plan.replaces.rename(aside)
-        print(f"--restart: the earlier experiment is kept as {aside}")
-    plan.exp_dir.mkdir(parents=True, exist_ok=True)
-    export_mod.write_experiment(plan.exp_dir, plan.meta)
 
 
 def _check_writable(folder: Path) -> None:
@@ -227,230 +206,56 @@ def baseline_params(space: Space) -> dict[str, Any]:
     return {name: getattr(tutorial, name) for name in space.names}
 
 
-# --- Ray ----------------------------------------------------------------------------------
+def plan_trials(experiment: Experiment, space: Space, no_baseline: bool) -> tuple[list[dict[str, Any]], list, int]:
+    """What this run must do: (fixed configurations, interrupted trials, number of trials to run).
+    Interrupted trials come first (each continues its own checkpoint), then the baseline, then
+    Optuna's samples, until the experiment has exactly `samples` trials."""
+    from tuning.searcher import BASELINE, CONTINUES
 
-
-def quiet_ray(verbose: bool) -> None:
-    """Our own one line per trial instead of Ray's tables; Ctrl-C reaches us, not Tune."""
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # we add JSON + CSV ourselves, not TensorBoard
-    if not verbose:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def start_ray(args: argparse.Namespace) -> bool:
-    """Start or attach to Ray; True if this call started it (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": args.verbose, "logging_level": logging.INFO if args.verbose else logging.ERROR}
-    if args.address:
-        ray.init(address=args.address, **kwargs)
-    else:
-        # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
-        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)
-    return True
-
-
-def resources(args: argparse.Namespace) -> dict[str, float]:
-    """Per-trial resources, checked against what the cluster has."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    gpus_per_trial = args.gpus_per_trial if args.gpus_per_trial is not None else (0.25 if gpus > 0 else 0.0)
-    if args.cpus_per_trial > cpus:
-        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: the cluster has only {cpus:g} CPUs")
-    if gpus_per_trial > gpus:
-        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g}: the cluster has {gpus:g} GPUs, so no trial could ever start")
-    return {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial, "cluster_cpus": cpus, "cluster_gpus": gpus}
-
-
-def make_sampler(name: str, seed: int):  # noqa: ANN201 - an optuna sampler
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=6, warn_independent_sampling=False)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
-
-
-def release_stale_optuna_trials(storage_url: str, study_name: str) -> int:
-    """Trials a killed driver left RUNNING (or queued) would stay so forever: mark them failed."""
-    import optuna
-    from optuna.trial import TrialState
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage_url)
-    except KeyError:  # no such study yet
-        return 0
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-    for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(stale)
-
-
-def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[str, float], started: float) -> str:
-    """Run the trials the experiment still needs; returns 'finished' or 'budget'."""
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from trainable.fit import METRICS
-    from trainable.ray_trainable import FAULT_ENV, HOLD_ENV, train_trial
-    from tuning.callbacks import ExperimentCallback
-    from tuning.searcher import BASELINE, CONTINUES, ASHAKeepingBaseline, FixedFirst
-
-    meta, space = plan.meta, plan.space
-    base = trial_config(plan.base, space, {})  # the base with the space's fixed values
-    journal = Journal(plan.exp_dir)
-    existing = trials(journal.read())
+    existing = experiment.trials
     pending = [t for t in existing if not t.done]
-    new = max(meta["samples"] - len(existing), 0)
-    num_samples = len(pending) + new
-    if num_samples == 0:
-        return "finished"
-    if plan.resumed:
-        done = sum(t.done for t in existing)
-        print(f"Resuming {plan.exp_dir.name}: {done} trials done, {len(pending)} to continue from their checkpoints, {new} new")
-    # Interrupted trials first (each continues its own checkpoint), then the baseline, then Optuna.
+    new = max(experiment.meta["samples"] - len(existing), 0)
     fixed = [{**t.params, CONTINUES: t.trial, **({BASELINE: True} if t.baseline else {})} for t in pending]
-    if new > 0 and not args.no_baseline and not any(t.baseline for t in existing):
+    if new > 0 and not no_baseline and not any(t.baseline for t in existing):
         fixed.append({**baseline_params(space), BASELINE: True})
-    attempt = 1 + sum(1 for r in journal.read() if r.get("event") == "attempt")
-    storage_url = f"sqlite:///{plan.exp_dir / 'optuna.db'}"
-    if (plan.exp_dir / "optuna.db").exists():
-        release_stale_optuna_trials(storage_url, meta["name"])
-    import optuna
-
-    optuna_search = OptunaSearch(
-        space=space.distributions,
-        metric="objective",
-        mode=meta["mode"],
-        # a resumed search must not replay the first attempt's random start-up samples
-        sampler=make_sampler(args.sampler, args.seed if attempt == 1 else args.seed * 1000 + attempt),
-        study_name=meta["name"],
-        storage=optuna.storages.RDBStorage(storage_url),
-    )
-    searcher = FixedFirst(optuna_search, fixed, metric="objective", mode=meta["mode"], first_number=len(existing) + 1)
-    max_epochs = max([_max_epochs(space, base), *(c.get("epochs", base.epochs) for c in fixed if c.get(BASELINE))])
-    if args.no_early_stop:
-        scheduler = FIFOScheduler()
-    else:
-        scheduler = ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs, grace_period=min(args.grace_period, max_epochs), reduction_factor=args.reduction_factor)
-    threads = max(1, math.floor(res["cpu"]))
-    # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
-    slots = res["cluster_cpus"] / res["cpu"]
-    if res["gpu"] > 0:
-        slots = min(slots, res["cluster_gpus"] / res["gpu"])
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(1, int(slots)))
-    trainable = tune.with_parameters(
-        train_trial,
-        data=data,
-        base=base.to_dict(),
-        objective=meta["objective"],
-        challenge_window=meta["challenge_window"],
-        threads=threads,
-        checkpoints={t.trial: t.checkpoint for t in pending if t.checkpoint},
-        inject_fault=os.environ.get(FAULT_ENV),
-        hold=os.environ.get(HOLD_ENV),
-    )
-    trainable = tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
-    journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
-    callback = ExperimentCallback(
-        plan.exp_dir,
-        journal,
-        base=base,
-        searcher=searcher,
-        samples=meta["samples"],
-        mode=meta["mode"],
-        metrics=(*METRICS, "objective"),
-    )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric="objective",
-            mode=meta["mode"],
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=num_samples,
-            max_concurrent_trials=args.max_concurrent,
-            time_budget_s=args.time_budget,
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=f"attempt-{attempt}",
-            # one folder per experiment under a shared --storage, as under results/<name>/ray
-            storage_path=f"{args.storage.rstrip('/')}/{meta['name']}" if args.storage else str(plan.exp_dir / "ray"),
-            callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
-            verbose=2 if args.verbose else 0,
-        ),
-    )
-    tuner.fit()
-    after = trials(journal.read())
-    if len(after) < meta["samples"] or not all(t.done for t in after):
-        if args.time_budget and time.time() - started >= args.time_budget:
-            release_stale_optuna_trials(storage_url, meta["name"])  # trials the budget stopped
-            return "budget"
-        raise SearchIncomplete("Ray Tune stopped before every trial ended")
-    return "finished"
-
-
-def _max_epochs(space: Space, base: TrainConfig) -> int:
-    dist = space.distributions.get("epochs")
-    if dist is None:
-        return int(space.fixed.get("epochs", base.epochs))
-    return int(max(dist.choices) if hasattr(dist, "choices") else dist.high)
+    return fixed, pending, len(pending) + new
 
 
 # --- the end of a search -------------------------------------------------------------------
 
 
-def summarize(plan: Plan, all_trials: list[TrialRecord], wall: float, res: dict[str, float], paths: dict[str, Path], since: float) -> None:
-    meta = plan.meta
+def summarize(experiment: Experiment, wall: float, res: dict[str, float], paths: dict[str, Path], since: float) -> None:
+    meta, all_trials = experiment.meta, experiment.trials
     window = meta["challenge_window"]
-    counts = {s: sum(t.status == s for t in all_trials) for s in (FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED)}
+    statuses = (FINISHED, EARLY_STOPPED, STALLED, DIVERGED, ERRORED, INTERRUPTED)
+    counts = {s: sum(t.status == s for t in all_trials) for s in statuses}
     parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     # only the epochs of this run of the command: a resumed search's wall time covers no others
-    this_run = [r for r in Journal(plan.exp_dir).read() if r.get("event") == "epoch" and r["time"] >= since]
+    this_run = [r for r in experiment.journal.read() if r.get("event") == "epoch" and r["time"] >= since]
     busy = sum(r.get("epoch_seconds") or 0.0 for r in this_run) * max(1, math.floor(res["cpu"]))
     print()
     print(f"Search {meta['name']}: {len(all_trials)} trials ({parts}) in {wall:.0f} s; "
           f"train/evaluate used {100 * busy / (wall * max(res['cluster_cpus'], 1)):.0f}% of {res['cluster_cpus']:g} CPUs x wall time")
-    met = [t for t in all_trials if (t.last or {}).get("challenge_met")]
-    print(f"Challenge (train loss below test loss and still falling): met by {len(met)} of {len(all_trials)} trials")
-    best = export_mod.best_trial(all_trials, meta["mode"])
+    met = [t for t in all_trials if experiment_mod.met(t)]
+    print(f"Challenge (train loss below test loss by more than 2 standard errors, still falling, above chance): "
+          f"met by {len(met)} of {len(all_trials)} trials")
+    best = experiment.best
     if best is not None:
         print(f"Best      trial {best.number:>2} ({best.trial}): {fmt_params(best.config)}")
         print(f"          {fmt_result(best)}; {verdict_text(best, window)}")
+        if not experiment_mod.met(best):
+            print(f"          No trial met the challenge: this is the best by {meta['objective']} alone.")
     for t in all_trials:
         if t.baseline:
             print(f"Baseline  trial {t.number:>2} (the tutorial's configuration): {fmt_result(t)}; {verdict_text(t, window)}")
     for t in all_trials:
         if t.status == ERRORED:
             print(f"Errored   trial {t.number:>2} ({t.trial}): {t.error}")
-    table = export_mod.trials_table(all_trials)
+    table = export_mod.trials_table(all_trials, experiment.mode)
     if not table.empty:
-        ascending = meta["mode"] == "min"
-        shown = table.sort_values("objective", ascending=ascending, na_position="last").head(10)
-        cols = ["number", "status", "lr", "batch_size", "epochs", "optimizer", "epochs_run", "train_loss", "test_loss", "test_accuracy", "challenge_met"]
+        shown = table.sort_values(["rank", "number"], na_position="last").head(10)
+        cols = ["rank", "number", "status", "lr", "batch_size", "epochs", "optimizer", "epochs_run",
+                "train_loss", "test_loss", "test_accuracy", "challenge_met"]
         print()
         print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print()
@@ -464,101 +269,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     try:
         plan = make_plan(args, argv)
-    except (UsageError, SpaceError, ConfigError, export_mod.ExperimentError) as exc:
+    except (UsageError, SpaceError, ConfigError, ExperimentError) as exc:
         return fail(PROG, str(exc))
     try:
         return run(plan, args, started)
     finally:
-        plan.lock.release()
+        plan.claim.release()
 
 
 def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
+    from tuning import ray_run  # Ray is imported only once the input has been checked
+
     meta = plan.meta
+    experiment = Experiment(plan.folder, meta)
     started_ray = False
     try:
         data = load_dataset(plan.base.data, plan.base.data_root, cache_dir=args.cache_dir)
-        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.exp_dir}", flush=True)
-        quiet_ray(args.verbose)
-        started_ray = start_ray(args)
-        res = resources(args)
-        create_experiment(plan)
+        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.folder}", flush=True)
+        ray_run.quiet_ray(args.verbose)
+        started_ray = ray_run.start_ray(args)
+        res = ray_run.resources(args)
+        experiment = experiment_mod.create(plan.claim, meta)
         attempt_started = time.time()
-        outcome = run_search(plan, data, args, res, started)
+        fixed, pending, num_samples = plan_trials(experiment, plan.space, args.no_baseline)
+        outcome = "finished"
+        if num_samples:
+            if plan.resumed:
+                print(f"Resuming {experiment.name}: {sum(t.done for t in experiment.trials)} trials done, "
+                      f"{len(pending)} to continue from their checkpoints, {num_samples - len(pending)} new")
+            base = trial_config(plan.base, plan.space, {})  # the base with the space's fixed values
+            outcome = ray_run.run_trials(experiment, plan.space, base, fixed, pending, num_samples, data, args, res, started)
         if outcome == "budget":
-            _mark(plan, "interrupted")  # before export, so trials.csv says interrupted, not running
+            experiment.mark("interrupted")  # before export, so trials.csv says interrupted, not running
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            ray_run.stop_ray()
             started_ray = False
-        paths = export_mod.export(plan.exp_dir)
-        _, all_trials = export_mod.load_trials(plan.exp_dir)
-        paths["optuna"] = plan.exp_dir / "optuna.db"
+        experiment.reload()
+        paths = export_mod.export(experiment)
+        paths["optuna"] = plan.folder / "optuna.db"
         wall = time.time() - started  # the search itself; confirmation and report come after
         if outcome == "finished" and args.confirm_seeds and "best_config" in paths:
-            paths["confirm"] = confirm_best(plan, data, args.confirm_seeds)
-            paths.update(export_mod.export(plan.exp_dir))  # best_config.yaml now states the confirmation
+            paths["confirm"] = confirm_best(experiment, data, args.confirm_seeds)
+            paths.update(export_mod.export(experiment))  # best_config.yaml now states the confirmation
         try:
-            paths["report"] = write_report(plan.exp_dir, top=args.top)
+            paths["report"] = write_report(experiment, top=args.top)
         except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
             print(f"{PROG}: warning: the report could not be drawn ({exc}); the CSV files are complete", file=sys.stderr)
-        _mark(plan, "finished" if outcome == "finished" else "interrupted")
+        experiment.mark("finished" if outcome == "finished" else "interrupted")
     except (UsageError, DataError) as exc:
         return fail(PROG, str(exc))
     except KeyboardInterrupt:
-        _mark(plan, "interrupted")
-        print(f"\nInterrupted. Finished trials are kept in {plan.exp_dir}; resume with:\n  {meta['command']}", file=sys.stderr)
+        experiment.mark("interrupted")
+        print(f"\nInterrupted. Finished trials are kept in {plan.folder}; resume with:\n  {meta['command']}", file=sys.stderr)
         return INTERRUPTED_STATUS
     except Exception as exc:  # noqa: BLE001 - keep the experiment resumable whatever went wrong
-        _mark(plan, "interrupted")
-        log = plan.exp_dir / "error.log"
-        if plan.exp_dir.exists():
+        experiment.mark("interrupted")
+        log = plan.folder / "error.log"
+        if plan.folder.exists():
             atomic_write_text(log, traceback.format_exc())
-        print(f"{PROG}: error: {exc} (details in {log}). Finished trials are kept; resume with:\n  {meta['command']}", file=sys.stderr)
+        print(f"{PROG}: error: {exc} (details in {log}). Finished trials are kept; resume with:\n  {meta['command']}",
+              file=sys.stderr)
         return 1
     finally:
         if started_ray:
-            import ray
-
-            ray.shutdown()
-    summarize(plan, all_trials, wall, res, paths, since=attempt_started)
+            ray_run.stop_ray()
+    summarize(experiment, wall, res, paths, since=attempt_started)
     if outcome == "budget":
-        done = sum(t.done for t in all_trials)
+        done = sum(t.done for t in experiment.trials)
         print(f"Time budget of {args.time_budget:g} s reached: {done} of {meta['samples']} trials done; "
               f"trials it stopped are kept as interrupted. Continue with:\n  {meta['command']}")
-    if not any(t.status in (FINISHED, EARLY_STOPPED, DIVERGED) for t in all_trials):
+    if not any(t.status in DONE and t.status != ERRORED for t in experiment.trials):
         print(f"{PROG}: error: no trial finished; see the errors in {paths['trials']}", file=sys.stderr)
         return 1
     return 0
 
 
-def confirm_best(plan: Plan, data: Dataset, n: int) -> Path:
+def confirm_best(experiment: Experiment, data: Dataset, n: int) -> Path:
     """Re-train the best configuration with n new seeds, in this process (Ray is done by now)."""
     import torch
 
     from trainable.confirm import CONFIRM_FILE, confirm, describe, lucky_seed_check, write_confirm
 
-    config = TrainConfig.load(plan.exp_dir / export_mod.BEST_CONFIG)
+    config = TrainConfig.load(experiment.folder / export_mod.BEST_CONFIG)
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"Confirming the best configuration with {n} new seeds ...", flush=True)
-    rows = confirm(config, data, n, challenge_window=plan.meta["challenge_window"])
-    path = plan.exp_dir / CONFIRM_FILE
+    rows = confirm(config, data, n, challenge_window=experiment.meta["challenge_window"])
+    path = experiment.folder / CONFIRM_FILE
     write_confirm(path, rows)
     print(f"Confirmation: {describe(rows)}")
-    _, all_trials = export_mod.load_trials(plan.exp_dir)
-    best = export_mod.best_trial(all_trials, plan.meta["mode"])
+    best = experiment.best
     if best is not None and best.last and best.last.get("test_accuracy") is not None:
         print(f"              {lucky_seed_check(rows, best.last['test_accuracy'])}")
     return path
-
-
-def _mark(plan: Plan, status: str) -> None:
-    if not (plan.exp_dir / export_mod.EXPERIMENT).exists():
-        return  # stopped before the experiment was created
-    meta = export_mod.read_experiment(plan.exp_dir)
-    meta["status"] = status
-    export_mod.write_experiment(plan.exp_dir, meta)
-    plan.meta = meta
 
 
 if __name__ == "__main__":

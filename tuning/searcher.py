@@ -1,20 +1,30 @@
-"""FixedFirst: a Ray Tune searcher that hands out fixed configurations before asking Optuna;
-and ASHA that lets the baseline run to the end.
+"""The Ray Tune searcher over an Optuna study, and ASHA that lets the baseline run to the end.
 
-The fixed ones are the tutorial's baseline and, when a search resumes, the trials an interruption
-cut short (each tagged with the id of the trial it continues, so the trainable loads that trial's
-checkpoint). Passing them through Optuna's own queue would tie a continuation to its trial only by
-its hyperparameters, which a new sample can repeat; here the tag travels in the trial's config.
-When a fixed trial ends, Optuna is told its result as an evaluated point, if the space can hold
-it (the tutorial's values may lie outside a user's space).
+StudySearcher asks Optuna for each new configuration (define-by-run: `Space.suggest`, so
+momentum exists only for SGD and each optimizer family has its own learning rates), reports each
+epoch's objective as an intermediate value, and tells Optuna how the trial ended: COMPLETE with
+its final objective, PRUNED when ASHA stopped it early or it stalled at chance level, FAIL when
+it raised; with the tutorial's challenge as constraints (`Trial.set_constraint`), so the sampler
+learns where the challenge is met.
+
+Before asking Optuna it hands out fixed configurations: the tutorial's baseline and, when a
+search resumes, the trials an interruption cut short (each tagged with the id of the trial it
+continues, so the trainable loads that trial's checkpoint). When a fixed trial ends, its result
+is added to the study as a finished trial of its own; parameters the space cannot hold (the
+baseline's momentum 0 and weight decay 0) are left out of it and named in its user attributes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
+
+from tuning.objective import WORST, constraints
+from tuning.space import Space
 
 CONTINUES = "__continues__"  # config key: id of the interrupted trial this one continues
 BASELINE = "__baseline__"  # config key: this is the tutorial's configuration
@@ -25,46 +35,121 @@ def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("__")}
 
 
-class FixedFirst(Searcher):
-    def __init__(self, inner: Searcher, fixed: list[dict[str, Any]], metric: str, mode: str, first_number: int = 1) -> None:
+def add_finished(
+    study: optuna.Study,
+    space: Space,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    *,
+    state: TrialState = TrialState.COMPLETE,
+    attrs: dict[str, Any] | None = None,
+) -> list[str]:
+    """Add a trial that did not come from the sampler (the baseline, an earlier experiment's
+    trial) with its per-epoch objective; returns the parameters the space could not hold."""
+    params, distributions, skipped = space.optuna_point(config)
+    last = history[-1] if history else {}
+    user_attrs = {**(attrs or {}), **({"outside_space": {k: config[k] for k in skipped}} if skipped else {})}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=state,
+            value=last.get("objective") if state == TrialState.COMPLETE else None,
+            params=params,
+            distributions=distributions,
+            intermediate_values={int(m["epoch"]): float(m["objective"]) for m in history if m.get("objective") is not None},
+            constraints=constraints(last),
+            user_attrs=user_attrs,
+        )
+    )
+    return skipped
+
+
+class StudySearcher(Searcher):
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: Space,
+        fixed: list[dict[str, Any]],
+        *,
+        base: dict[str, Any],
+        metric: str,
+        mode: str,
+        first_number: int = 1,
+    ) -> None:
         super().__init__(metric=metric, mode=mode)
-        self.inner = inner
+        self.study, self.space, self.base = study, space, base
         self.queue = list(fixed)
         self.fixed_trials: dict[str, dict[str, Any]] = {}
+        self.asked: dict[str, optuna.Trial] = {}
+        self.configs: dict[str, dict[str, Any]] = {}  # the full configuration handed out
+        self.history: dict[str, list[dict[str, Any]]] = {}  # per trial: its epochs' results
         # Trial numbers in the order configurations were handed out (actors may start in
         # another order); a continuation keeps the number of the trial it continues.
         self.numbers: dict[str, int] = {}
         self.next_number = first_number
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        return self.inner.set_search_properties(metric, mode, config, **spec)
+        return True  # metric and mode are ours, the space is Space.suggest
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.queue:
-            config = self.queue.pop(0)
+            config = dict(self.queue.pop(0))
             self.fixed_trials[trial_id] = config
         else:
-            config = self.inner.suggest(trial_id)
-        if isinstance(config, dict) and CONTINUES not in config:
+            trial = self.study.ask()
+            self.asked[trial_id] = trial
+            config = self.space.suggest(trial)
+        self.configs[trial_id] = {**self.base, **hyperparameters(config)}
+        if CONTINUES not in config:
             self.numbers[trial_id] = self.next_number
             self.next_number += 1
-        return dict(config) if isinstance(config, dict) else config
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self.fixed_trials:
-            self.inner.on_trial_result(trial_id, result)
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if value is None or epoch is None:
+            return
+        history = self.history.setdefault(trial_id, [])
+        retried = any(m["epoch"] == epoch for m in history)  # a retry reports its epochs again
+        history[:] = [m for m in history if m["epoch"] < epoch] + [{**result}]
+        trial = self.asked.get(trial_id)
+        if trial is not None and not retried:
+            trial.report(float(value), step=int(epoch))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        config = self.fixed_trials.pop(trial_id, None)
-        if config is None:
-            self.inner.on_trial_complete(trial_id, result=result, error=error)
+        if result and not error and result.get("epoch") not in [m["epoch"] for m in self.history.get(trial_id, [])]:
+            self.on_trial_result(trial_id, result)  # Tune hands a stopping trial's last result only here
+        history = self.history.pop(trial_id, [])
+        last = {**(history[-1] if history else {}), **(result or {})}
+        state = self._state(trial_id, last, error)
+        fixed = self.fixed_trials.pop(trial_id, None)
+        if fixed is not None:
+            if state != TrialState.FAIL and history:
+                attrs = {"baseline": True} if fixed.get(BASELINE) else {"continues": fixed.get(CONTINUES)}
+                add_finished(self.study, self.space, {**self.base, **hyperparameters(fixed)}, history, state=state, attrs=attrs)
             return
-        if error or not result or self.metric not in result:
+        trial = self.asked.pop(trial_id, None)
+        if trial is None:
             return
-        try:
-            self.inner.add_evaluated_point(hyperparameters(config), result[self.metric])
-        except (ValueError, TypeError):
-            pass  # outside the search space: Optuna cannot hold this point
+        if state == TrialState.FAIL:
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        for key, value in constraints(last).items():
+            trial.set_constraint(key, value)
+        value = last.get(self.metric)
+        if state == TrialState.PRUNED:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, WORST[self.mode] if value is None else float(value))
+
+    def _state(self, trial_id: str, last: dict[str, Any], error: bool) -> TrialState:
+        if error or not last or last.get(self.metric) is None:
+            return TrialState.FAIL
+        epochs = self.configs.pop(trial_id, self.base).get("epochs")
+        if last.get("diverged"):
+            return TrialState.COMPLETE  # with the worst objective: a result, not a stop
+        if last.get("stalled") or (epochs is not None and last.get("epoch", 0) < epochs):
+            return TrialState.PRUNED
+        return TrialState.COMPLETE
 
     def save(self, checkpoint_path: str) -> None:
         pass  # resume is rebuilt from the experiment's journal, not from searcher state

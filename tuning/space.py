@@ -4,36 +4,52 @@ A space maps TrainConfig field names to what the search may pick for them:
 
     lr:           {low: 1.0e-4, high: 0.3, log: true}     # float range (log scale)
     epochs:       {low: 5, high: 20}                       # int range (both bounds whole numbers)
-    batch_size:   {type: pow2, low: 32, high: 512}         # powers of two: 32, 64, ..., 512
+    batch_size:   {type: pow2, low: 32, high: 512}         # powers of two: 32, 64, ..., 512 (ordered)
     optimizer:    [sgd, nesterov, adam, adamw]             # a list: one of these
     momentum:     0.9                                      # a plain value: fixed
 
-Fields the space leaves out keep the search's base configuration (the tutorial's values).
+A range can depend on a listed parameter (define-by-run): with `when`, it is searched only when
+that parameter takes one of the given values, and a list of such ranges gives one per case:
+
+    momentum:     {when: {optimizer: [sgd, nesterov]}, low: 0.7, high: 0.97}
+    lr:
+      - {when: {optimizer: [sgd, nesterov]}, low: 3.0e-3, high: 0.1, log: true}
+      - {when: {optimizer: [adam, adamw]}, low: 1.0e-4, high: 5.0e-3, log: true}
+
+Fields the space leaves out, or does not search in a trial, keep the search's base configuration
+(the tutorial's values).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import optuna.distributions as od
 
 from trainable.config import OPTIMIZERS, ConfigError, TrainConfig
-from trainable.fileio import read_yaml
+from trainable.fileio import read_yaml, yaml_number
 
 SEARCHABLE = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
 INT_FIELDS = ("batch_size", "epochs")
+SGD_FAMILY, ADAM_FAMILY = ["sgd", "nesterov"], ["adam", "adamw"]
 
-# The default space, tuned so that a 20-sample search on a 2-core CPU meets the tutorial's
-# challenge on CIFAR-10 within minutes (see README, "The challenge").
+# The default space, from the committed searches on CIFAR-10 (results/): Adam and AdamW learn
+# nothing from lr ~0.01 up, SGD and Nesterov nothing at 5e-4 and below, and momentum does
+# nothing for Adam, so each family gets its own learning rates and only SGD gets a momentum.
 DEFAULT_SPACE: dict[str, Any] = {
-    "lr": {"low": 3.0e-4, "high": 0.2, "log": True},
+    "optimizer": list(OPTIMIZERS),
+    "lr": [
+        {"when": {"optimizer": SGD_FAMILY}, "low": 1.0e-3, "high": 0.1, "log": True},
+        {"when": {"optimizer": ADAM_FAMILY}, "low": 1.0e-4, "high": 5.0e-3, "log": True},
+    ],
+    "momentum": {"when": {"optimizer": SGD_FAMILY}, "low": 0.7, "high": 0.97},
     "batch_size": {"type": "pow2", "low": 64, "high": 512},
     "epochs": {"low": 6, "high": 20},
-    "optimizer": list(OPTIMIZERS),
-    "momentum": {"low": 0.5, "high": 0.99},
     "weight_decay": {"low": 1.0e-6, "high": 1.0e-3, "log": True},
     "schedule": ["constant", "cosine"],
 }
@@ -46,22 +62,112 @@ class SpaceError(ValueError):
 
 
 @dataclass(frozen=True)
+class Param:
+    """One searched parameter, or one case of it (`when`: searched only if those hold)."""
+
+    name: str
+    distribution: od.BaseDistribution  # in Optuna's terms; for pow2, over the exponent
+    pow2: bool = False
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def optuna_name(self) -> str:
+        """The name in the Optuna study: batch sizes are searched as ordered exponents."""
+        return f"{self.name}_log2" if self.pow2 else self.name
+
+    def applies(self, values: Mapping[str, Any]) -> bool:
+        return all(values.get(key) in allowed for key, allowed in self.when)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        d, name = self.distribution, self.optuna_name
+        if isinstance(d, od.CategoricalDistribution):
+            return trial.suggest_categorical(name, d.choices)
+        if isinstance(d, od.IntDistribution):
+            value = trial.suggest_int(name, d.low, d.high, log=d.log)
+            return 2**value if self.pow2 else value
+        return trial.suggest_float(name, d.low, d.high, log=d.log)
+
+    def to_optuna(self, value: Any) -> Any | None:
+        """`value` as this parameter's Optuna value, or None if the range cannot hold it."""
+        if self.pow2:
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                return None
+            value = int(math.log2(value))
+        if isinstance(self.distribution, od.CategoricalDistribution):
+            return value if value in self.distribution.choices else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return value if self.distribution.low <= value <= self.distribution.high else None
+
+    def describe(self) -> str:
+        d = self.distribution
+        if isinstance(d, od.CategoricalDistribution):
+            text = "one of " + ", ".join(map(str, d.choices))
+        elif self.pow2:
+            text = f"{2**d.low} .. {2**d.high} (powers of two)"
+        else:
+            text = f"{d.low:g} .. {d.high:g}" + (" (log)" if d.log else "")
+        for key, allowed in self.when:
+            text += f" when {key} in {', '.join(map(str, allowed))}"
+        return text
+
+
+@dataclass(frozen=True)
 class Space:
-    distributions: dict[str, od.BaseDistribution]  # what Optuna samples
-    fixed: dict[str, Any]  # set in every trial
+    params: tuple[Param, ...]  # in sampling order: a case comes after what it depends on
+    fixed: dict[str, Any] = field(default_factory=dict)  # set in every trial
 
     @property
     def names(self) -> list[str]:
-        return [*self.distributions, *self.fixed]
+        return [*dict.fromkeys(p.name for p in self.params), *self.fixed]
+
+    @property
+    def searched(self) -> list[str]:
+        return list(dict.fromkeys(p.name for p in self.params))
+
+    def cases(self, name: str) -> list[Param]:
+        return [p for p in self.params if p.name == name]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Define-by-run: the values one trial takes, asked of Optuna parameter by parameter."""
+        values: dict[str, Any] = dict(self.fixed)
+        for p in self.params:
+            if p.name not in values and p.applies(values):
+                values[p.name] = p.suggest(trial)
+        return {k: v for k, v in values.items() if k not in self.fixed}
+
+    def optuna_point(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, od.BaseDistribution], list[str]]:
+        """A configuration as an Optuna trial's params and distributions, for a trial that did
+        not come from the sampler (the baseline, an earlier experiment's). Parameters whose value
+        the space cannot hold are left out and named in the third item."""
+        params: dict[str, Any] = {}
+        distributions: dict[str, od.BaseDistribution] = {}
+        skipped: list[str] = []
+        context = {**config, **self.fixed}
+        for p in self.params:
+            if not p.applies(context) or p.name not in config:
+                continue
+            value = p.to_optuna(config[p.name])
+            if value is None:
+                skipped.append(p.name)
+                continue
+            params[p.optuna_name], distributions[p.optuna_name] = value, p.distribution
+        return params, distributions, skipped
+
+    def high(self, name: str, default: Any) -> Any:
+        """The largest value `name` can take (e.g. the most epochs a trial may run)."""
+        if name in self.fixed:
+            return self.fixed[name]
+        highs = []
+        for p in self.cases(name):
+            d = p.distribution
+            top = max(d.choices) if isinstance(d, od.CategoricalDistribution) else d.high
+            highs.append(2**top if p.pow2 else top)
+        return max(highs) if highs else default
 
     def describe(self) -> dict[str, str]:
         """Human-readable ranges, for the console and the report."""
-        out = {}
-        for name, d in self.distributions.items():
-            if isinstance(d, od.CategoricalDistribution):
-                out[name] = "one of " + ", ".join(map(str, d.choices))
-            else:
-                out[name] = f"{d.low:g} .. {d.high:g}" + (" (log)" if d.log else "")
+        out = {name: "; ".join(p.describe() for p in self.cases(name)) for name in self.searched}
         out.update({name: f"= {value}" for name, value in self.fixed.items()})
         return out
 
@@ -69,19 +175,26 @@ class Space:
 def parse_space(spec: Any, source: str = "space") -> Space:
     if not isinstance(spec, dict) or not spec:
         raise SpaceError(f"{source}: expected a mapping of parameter names to ranges, got {type(spec).__name__}")
-    distributions: dict[str, od.BaseDistribution] = {}
+    params: list[Param] = []
     fixed: dict[str, Any] = {}
     for name, value in spec.items():
         if name not in SEARCHABLE:
             raise SpaceError(f"{source}: {name}: unknown parameter (searchable: {', '.join(SEARCHABLE)})")
         where = f"{source}: {name}"
-        if isinstance(value, list):
-            distributions[name] = _categorical(where, name, value)
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            cases = [_range(where, name, v) for v in value]
+            if not all(case.when for case in cases):
+                raise SpaceError(f"{where}: a list of ranges needs a `when` in each")
+            params += cases
+        elif isinstance(value, list):
+            params.append(Param(name, _categorical(where, name, value)))
         elif isinstance(value, dict):
-            distributions[name] = _range(where, name, value)
+            params.append(_range(where, name, value))
         else:
             fixed[name] = _check_value(where, name, value)
-    space = Space(distributions, fixed)
+    ordered = sorted(params, key=lambda p: bool(p.when))  # what a case depends on comes first
+    space = Space(tuple(ordered), fixed)
+    _check_conditions(space, source)
     _check_consistent(space, source)
     return space
 
@@ -95,20 +208,17 @@ def default_space(smoke_test: bool = False) -> Space:
 
 
 def _number(where: str, key: str, value: Any) -> float | int:
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    value = yaml_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpaceError(f"{where}: {key} must be a number, got {value!r}")
     return value
 
 
-def _range(where: str, name: str, spec: dict[str, Any]) -> od.BaseDistribution:
-    unknown = set(spec) - {"low", "high", "log", "type"}
+def _range(where: str, name: str, spec: dict[str, Any]) -> Param:
+    unknown = set(spec) - {"low", "high", "log", "type", "when"}
     if unknown:
-        raise SpaceError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (use low, high, log, type)")
+        raise SpaceError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (use low, high, log, type, when)")
+    when = _when(where, spec.get("when"))
     if "low" not in spec or "high" not in spec:
         raise SpaceError(f"{where}: a range needs low and high")
     low, high = _number(where, "low", spec["low"]), _number(where, "high", spec["high"])
@@ -129,15 +239,28 @@ def _range(where: str, name: str, spec: dict[str, Any]) -> od.BaseDistribution:
             raise SpaceError(f"{where}: bounds must be whole numbers, got {low} and {high}")
         low, high = int(low), int(high)
         if kind == "pow2":
-            powers = [2**k for k in range(math.ceil(math.log2(low)), math.floor(math.log2(high)) + 1)]
-            if not powers:
+            first, last = math.ceil(math.log2(low)), math.floor(math.log2(high))
+            if first > last:
                 raise SpaceError(f"{where}: no power of two between {low} and {high}")
-            return od.CategoricalDistribution(powers)
+            _check_value(where, name, 2**first)
+            return Param(name, od.IntDistribution(first, last), pow2=True, when=when)
         _check_value(where, name, low)
-        return od.IntDistribution(low, high, log=log)
+        return Param(name, od.IntDistribution(low, high, log=log), when=when)
     _check_value(where, name, float(low))
     _check_value(where, name, float(high))
-    return od.FloatDistribution(float(low), float(high), log=log)
+    return Param(name, od.FloatDistribution(float(low), float(high), log=log), when=when)
+
+
+def _when(where: str, spec: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if spec is None:
+        return ()
+    if not isinstance(spec, dict) or not spec:
+        raise SpaceError(f"{where}: when must map a parameter to the values it applies for, e.g. {{optimizer: [sgd]}}")
+    out = []
+    for key, allowed in spec.items():
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        out.append((key, tuple(_check_value(f"{where}: when {key}", key, v) for v in allowed)))
+    return tuple(out)
 
 
 def _categorical(where: str, name: str, choices: list[Any]) -> od.CategoricalDistribution:
@@ -149,6 +272,8 @@ def _categorical(where: str, name: str, choices: list[Any]) -> od.CategoricalDis
 
 def _check_value(where: str, name: str, value: Any) -> Any:
     """The value as TrainConfig takes it for this field, or SpaceError saying why not."""
+    if name not in SEARCHABLE:
+        raise SpaceError(f"{where}: unknown parameter (searchable: {', '.join(SEARCHABLE)})")
     if isinstance(value, str) and name not in ("optimizer", "schedule"):
         value = _number(where, "value", value)
     try:
@@ -158,22 +283,47 @@ def _check_value(where: str, name: str, value: Any) -> Any:
     return getattr(config, name)
 
 
+def _check_conditions(space: Space, source: str) -> None:
+    """A `when` names a parameter that is listed or fixed (not itself conditional), and the
+    cases of one parameter never both apply."""
+    listed = {p.name for p in space.params if not p.when and isinstance(p.distribution, od.CategoricalDistribution)}
+    for p in space.params:
+        for key, _ in p.when:
+            if key not in listed and key not in space.fixed:
+                raise SpaceError(f"{source}: {p.name}: when {key}: {key} must be a list of choices or a fixed value in this space")
+    for name in space.searched:
+        cases = space.cases(name)
+        if len(cases) < 2:
+            continue
+        keys = {key for case in cases for key, _ in case.when}
+        if len(keys) != 1 or any(len(case.when) != 1 for case in cases):
+            raise SpaceError(f"{source}: {name}: its cases must each depend on the same one parameter")
+        seen: set[Any] = set()
+        for case in cases:
+            overlap = seen & set(case.when[0][1])
+            if overlap:
+                raise SpaceError(f"{source}: {name}: two cases apply when {case.when[0][0]} is {sorted(map(str, overlap))[0]}")
+            seen |= set(case.when[0][1])
+
+
 def _check_consistent(space: Space, source: str) -> None:
-    optimizers = space.fixed.get("optimizer")
-    dist = space.distributions.get("optimizer")
-    can_nesterov = optimizers == "nesterov" or (isinstance(dist, od.CategoricalDistribution) and "nesterov" in dist.choices)
-    # A continuous momentum range hits exactly 0 with probability 0; a fixed or listed 0 does not.
-    momentum = space.distributions.get("momentum")
-    if isinstance(momentum, od.CategoricalDistribution):
-        zero = 0 in momentum.choices
-    elif momentum is not None:
-        zero = False
+    """Nesterov needs momentum > 0: a space that can give it 0 is refused up front."""
+    nesterov = {"optimizer": "nesterov", **{k: v for k, v in space.fixed.items() if k != "optimizer"}}
+    can_nesterov = space.fixed.get("optimizer") == "nesterov" or any(
+        isinstance(p.distribution, od.CategoricalDistribution) and "nesterov" in p.distribution.choices
+        for p in space.cases("optimizer")
+    )
+    if not can_nesterov:
+        return
+    momentum = [p for p in space.cases("momentum") if p.applies(nesterov)]
+    if momentum:  # a continuous range hits exactly 0 with probability 0; a listed 0 does not
+        zero = any(isinstance(p.distribution, od.CategoricalDistribution) and 0 in p.distribution.choices for p in momentum)
     else:
         zero = space.fixed.get("momentum", TrainConfig().momentum) == 0
-    if can_nesterov and zero:
+    if zero:
         raise SpaceError(f"{source}: momentum: nesterov needs momentum > 0, and this space can give it 0")
 
 
 def trial_config(base: TrainConfig, space: Space, sampled: dict[str, Any]) -> TrainConfig:
     """The full configuration of one trial: the base, then the space's fixed values, then the sample."""
-    return base.with_updates(**space.fixed, **{k: sampled[k] for k in space.distributions if k in sampled})
+    return base.with_updates(**space.fixed, **{k: sampled[k] for k in space.searched if k in sampled})

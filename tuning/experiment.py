@@ -1,0 +1,171 @@
+"""An experiment folder, results/<name>/, as one object: its settings and status
+(experiment.json), its trials (from journal.jsonl, the source of truth), the lock held while a
+search runs it, --restart, and rank(): the ONE place a best trial is chosen.
+
+Everything here reads the folder it is given, so a copied folder reads the same. Nothing here
+imports Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from trainable.fileio import atomic_write_text
+from tuning.journal import DIVERGED, ERRORED, INTERRUPTED, Journal, TrialRecord, trials
+
+EXPERIMENT = "experiment.json"
+RANKED_OUT = (ERRORED, INTERRUPTED, DIVERGED)  # no final result to rank
+
+
+class ExperimentError(RuntimeError):
+    """An experiment folder that cannot be read or run; the message says which and why."""
+
+
+def final_objective(trial: TrialRecord) -> float | None:
+    last = trial.last
+    if last is None or trial.status == ERRORED:
+        return None
+    value = last.get("objective")
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def rank(all_trials: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
+    """Trials best first: those meeting the challenge by their objective, then the others by
+    their objective. Errored, diverged and interrupted trials have no final result and are
+    left out. The winner is rank(...)[0]: the most accurate trial that meets the challenge, or,
+    if none does, the most accurate trial (for --objective test_accuracy)."""
+    sign = 1 if mode == "max" else -1
+    scored = [t for t in all_trials if t.status not in RANKED_OUT and final_objective(t) is not None]
+    return sorted(scored, key=lambda t: (not met(t), -sign * final_objective(t), t.number))  # type: ignore[operator]
+
+
+def met(trial: TrialRecord) -> bool:
+    return bool((trial.last or {}).get("challenge_met"))
+
+
+@dataclass
+class Experiment:
+    folder: Path
+    meta: dict[str, Any]
+    trials: list[TrialRecord] = field(default_factory=list)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Experiment:
+        """Settings and trials, read once from the folder as it is now (wherever it is)."""
+        folder = Path(folder)
+        return cls(folder, read_meta(folder), trials(Journal(folder).read()))
+
+    def reload(self) -> Experiment:
+        self.trials = trials(self.journal.read())
+        return self
+
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.folder)
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def mode(self) -> str:
+        return self.meta["mode"]
+
+    @property
+    def running(self) -> bool:
+        return self.meta.get("status") == "running"
+
+    def ranked(self) -> list[TrialRecord]:
+        return rank(self.trials, self.mode)
+
+    @property
+    def best(self) -> TrialRecord | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def save_meta(self) -> None:
+        atomic_write_text(self.folder / EXPERIMENT, json.dumps(self.meta, indent=2) + "\n")
+
+    def mark(self, status: str) -> None:
+        """running, finished or interrupted; nothing if the folder was never created."""
+        if (self.folder / EXPERIMENT).exists():
+            self.meta = {**read_meta(self.folder), "status": status}
+            self.save_meta()
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise ExperimentError(f"{folder}: no such experiment folder")
+    path = folder / EXPERIMENT
+    if not path.exists():
+        raise ExperimentError(f"{folder}: not an experiment folder (no {EXPERIMENT}; is this the folder tuning/search.py wrote?)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExperimentError(f"{path}: unreadable ({exc})") from None
+
+
+@dataclass
+class Claim:
+    """A search's hold on results/<name>: the lock, and what it found there."""
+
+    folder: Path
+    lock: FileLock
+    old_meta: dict[str, Any] | None  # the experiment already in the folder, if any
+    replaces: Path | None = None  # moved aside on --restart, once the input has been checked
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def claim(results: Path, name: str, *, restart: bool) -> Claim:
+    """Lock results/<name> for this process; refuse a running or a finished experiment (unless
+    --restart) and a folder that is not an experiment. Writes nothing but the lock file."""
+    if not name or "/" in name or name.startswith("."):
+        raise ExperimentError(f"--name {name!r}: use a plain folder name")
+    folder = results / name
+    lock = FileLock(str(results / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ExperimentError(f"another search is running experiment {folder} right now") from None
+    try:
+        if not (folder.exists() and any(folder.iterdir())):
+            return Claim(folder, lock, None)
+        old = read_meta(folder) if (folder / EXPERIMENT).exists() else None
+        if old is None:
+            raise ExperimentError(f"{folder} exists and is not an experiment folder; choose another --name")
+        if restart:
+            return Claim(folder, lock, old, replaces=folder)
+        if old.get("status") == "finished":
+            raise ExperimentError(f"{folder} is a finished experiment; use --restart to run it again "
+                                  "(the old one is kept) or choose another --name")
+        return Claim(folder, lock, old)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def create(claimed: Claim, meta: dict[str, Any]) -> Experiment:
+    """Write experiment.json: only once the data loaded and the cluster can run the trials.
+    On --restart the earlier experiment is first moved aside, never deleted."""
+    if claimed.replaces is not None and claimed.replaces.exists():
+        aside = claimed.replaces.with_name(f"{claimed.replaces.name}.replaced-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        claimed.replaces.rename(aside)
+        print(f"--restart: the earlier experiment is kept as {aside}")
+    claimed.folder.mkdir(parents=True, exist_ok=True)
+    experiment = Experiment(claimed.folder, meta)
+    experiment.save_meta()
+    return experiment.reload()
