@@ -105,7 +105,8 @@ def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def best_config_text(meta: dict[str, Any], trial: TrialRecord) -> str:
+def best_config_text(meta: dict[str, Any], trial: TrialRecord, exp_dir: str | Path) -> str:
+    """best_config.yaml for `trial` of the experiment in `exp_dir` (the folder as it is now)."""
     last = trial.last or {}
     config = TrainConfig.from_dict(trial.config)
     accuracy = last.get("test_accuracy")
@@ -113,14 +114,26 @@ def best_config_text(meta: dict[str, Any], trial: TrialRecord) -> str:
         f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, {trial.status})",
         f"objective {meta['objective']}: {final_objective(trial):.4f}; test_accuracy {100 * accuracy:.1f}%" if accuracy is not None else "",
         _verdict_line(last, meta.get("challenge_window", 3)),
-        *_confirm_lines(Path(meta["exp_dir"]), accuracy),
-        f"Re-train without Ray: python -m trainable --config {Path(meta['exp_dir']) / BEST_CONFIG}",
+        *_confirm_lines(Path(exp_dir), accuracy),
+        f"Re-train without Ray: {retrain_command(Path(exp_dir))}",
     ]
     buffer = io.StringIO()
     for line in filter(None, lines):
         buffer.write(f"# {line}\n")
     buffer.write(config.to_yaml())
     return buffer.getvalue()
+
+
+def retrain_command(exp_dir: Path) -> str:
+    """The command that re-trains best_config.yaml, with no absolute path in it.
+
+    Relative to the working directory when the folder is under it (where relative data paths in
+    the configuration also point); otherwise run from the folder itself.
+    """
+    try:
+        return f"python -m trainable --config {Path(exp_dir).resolve().relative_to(Path.cwd().resolve()) / BEST_CONFIG}"
+    except ValueError:
+        return f"python -m trainable --config {BEST_CONFIG}  (in the experiment's folder)"
 
 
 def _confirm_lines(exp_dir: Path, accuracy: float | None) -> list[str]:
@@ -161,7 +174,7 @@ def export(exp_dir: str | Path, all_trials: Sequence[TrialRecord] | None = None)
     best = best_trial(all_trials, meta["mode"])
     if best is not None:
         paths["best_config"] = exp_dir / BEST_CONFIG
-        atomic_write_text(paths["best_config"], best_config_text(meta, best))
+        atomic_write_text(paths["best_config"], best_config_text(meta, best, exp_dir))
     return paths
 
 
