@@ -104,8 +104,15 @@ def cifar100_files(n_train: int = 40, n_test: int = 20, seed: int = 0) -> dict[s
             }
         )
 
-    meta = {"fine_label_names": [f"fine{i:02d}" for i in range(100)], "coarse_label_names": [f"coarse{i:02d}" for i in range(20)]}
-    return {"train": split(n_train, "training batch 1 of 1"), "test": split(n_test, "testing batch 1 of 1"), "meta": pickle.dumps(meta)}
+    meta = {
+        "fine_label_names": [f"fine{i:02d}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i:02d}" for i in range(20)],
+    }
+    return {
+        "train": split(n_train, "training batch 1 of 1"),
+        "test": split(n_test, "testing batch 1 of 1"),
+        "meta": pickle.dumps(meta),
+    }
 
 
 def write_cifar100_archive(path: Path, files: dict[str, bytes]) -> Path:
@@ -152,7 +159,10 @@ def write_mnist_files(folder: Path, files: dict[str, tuple[np.ndarray, bytes]]) 
     return folder
 
 
-def patch_mnist_mirrors(monkeypatch, cls: type, files: dict[str, tuple[np.ndarray, bytes]], mirror: str) -> None:  # noqa: ANN001
+MnistFiles = dict[str, tuple[np.ndarray, bytes]]  # file name -> (the array inside, the .gz bytes)
+
+
+def patch_mnist_mirrors(monkeypatch, cls: type, files: MnistFiles, mirror: str) -> None:  # noqa: ANN001
     """Point torchvision's MNIST-style class at one mirror (a URL ending in /) and our files' md5 sums."""
     monkeypatch.setattr(cls, "mirrors", [mirror])
     monkeypatch.setattr(cls, "resources", [(name, md5(data)) for name, (_, data) in files.items()])

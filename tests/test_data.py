@@ -232,7 +232,8 @@ def test_mnist_style_sets_download_once_as_1x28x28_grayscale(tmp_path, monkeypat
     assert data.test_images.shape == (10, 1, 28, 28) and data.input_shape == (1, 28, 28)
     # the idx files' pixels and labels, unchanged and in order
     assert np.array_equal(data.train_images[:, 0], files["train-images-idx3-ubyte.gz"][0])
-    assert np.array_equal(data.test_labels, files["t10k-labels-idx1-ubyte.gz"][0]) and data.test_labels.dtype == np.int64
+    assert data.test_labels.dtype == np.int64
+    assert np.array_equal(data.test_labels, files["t10k-labels-idx1-ubyte.gz"][0])
     assert data.classes == tuple(cls.classes) and data.num_classes == 10
     assert sorted(p.name for p in (root / MNIST_STYLE[name] / "raw").glob("*.gz")) == sorted(files)
     downloaded = len(requests)

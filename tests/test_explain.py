@@ -62,7 +62,8 @@ def test_config_keeps_its_own_precision_unless_given(cli, folder, tmp_path):
     status, out, err = cli(explain, ["--data", str(images), "--cache-dir", str(cache), "--config", str(config)])
     assert status == 0, err
     assert "constant schedule; bf16):" in out
-    status, out, err = cli(explain, ["--data", str(images), "--cache-dir", str(cache), "--config", str(config), "--precision", "fp32"])
+    argv = ["--data", str(images), "--cache-dir", str(cache), "--config", str(config), "--precision", "fp32"]
+    status, out, err = cli(explain, argv)
     assert status == 0, err
     assert "constant schedule; fp32):" in out and "bf16" not in out
 

@@ -63,7 +63,8 @@ def test_a_copied_experiment_is_reported_and_retrained_from_its_new_place(cli, t
     (orig / "space.yaml").write_text(SPACE)
     monkeypatch.chdir(orig)
 
-    status, out, err = cli(search, ["--data", "fashion-mnist", "--samples", "3", "--space", "space.yaml", "--num-cpus", "2", "--name", "exp"])
+    argv = ["--data", "fashion-mnist", "--samples", "3", "--space", "space.yaml", "--num-cpus", "2", "--name", "exp"]
+    status, out, err = cli(search, argv)
     assert status == 0, err
     exp = orig / "results" / "exp"
     table = pd.read_csv(exp / "trials.csv")
@@ -75,7 +76,8 @@ def test_a_copied_experiment_is_reported_and_retrained_from_its_new_place(cli, t
     # data sources as the user gave them, a relative re-train command, no absolute path anywhere
     best = TrainConfig.load(exp / "best_config.yaml")
     assert (best.data, best.data_root) == ("fashion-mnist", "data")
-    assert "# Re-train without Ray: python -m trainable --config results/exp/best_config.yaml\n" in (exp / "best_config.yaml").read_text()
+    retrain = "# Re-train without Ray: python -m trainable --config results/exp/best_config.yaml\n"
+    assert retrain in (exp / "best_config.yaml").read_text()
     assert not (exp / "confirm.csv").exists()
     roots = sorted({str(tmp_path), str(tmp_path.resolve())})
     assert files_holding(exp, roots) == []
@@ -90,7 +92,8 @@ def test_a_copied_experiment_is_reported_and_retrained_from_its_new_place(cli, t
 
     # the command written in best_config.yaml works from the copy, its relative data root included;
     # --seeds writes confirm.csv beside the configuration: in the copy
-    line = next(x for x in (copy / "best_config.yaml").read_text().splitlines() if x.startswith("# Re-train without Ray: "))
+    lines = (copy / "best_config.yaml").read_text().splitlines()
+    line = next(x for x in lines if x.startswith("# Re-train without Ray: "))
     argv = shlex.split(line.split(": ", 1)[1])
     assert argv[:3] == ["python", "-m", "trainable"]
     status, out, err = cli(trainable_main, [*argv[3:], "--epochs", "1", "--seeds", "2"])

@@ -33,7 +33,8 @@ f,6,1,1.95,0.30,1.80,0.36,2,1000,False,False,False,False,,0.36,0.36
 f,6,2,1.50,0.45,1.55,0.44,2,1000,False,True,False,False,2,0.44,0.44
 f,6,3,1.20,0.57,1.35,0.50,2,1000,False,True,True,True,3,1.50,1.50
 """
-META = {"name": "hand", "command": "python tuning/search.py --samples 6 --name hand", "samples": 6, "objective": "challenge",
+META = {"name": "hand", "command": "python tuning/search.py --samples 6 --name hand", "samples": 6,
+        "objective": "challenge",
         "metric": "objective", "mode": "max", "challenge_window": 1, "space": {"lr": "0.0001 .. 0.3 (log)"}, "status": "finished"}
 
 

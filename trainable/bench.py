@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
         "or an image folder with train/<class>/ and test/<class>/"
     ))
-    p.add_argument("--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)")
+    p.add_argument(
+        "--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)"
+    )
     p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per contender; the median is reported")

@@ -124,9 +124,10 @@ class TorchvisionSet:
     site: str  # where to get them
 
 
+CIFAR_SITE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 TORCHVISION_SETS = {
-    "cifar10": TorchvisionSet("CIFAR10", "CIFAR-10", "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    "cifar100": TorchvisionSet("CIFAR100", "CIFAR-100", "cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar.html"),
+    "cifar10": TorchvisionSet("CIFAR10", "CIFAR-10", "cifar-10-python.tar.gz", CIFAR_SITE),
+    "cifar100": TorchvisionSet("CIFAR100", "CIFAR-100", "cifar-100-python.tar.gz", CIFAR_SITE),
     "mnist": TorchvisionSet(
         "MNIST",
         "MNIST",

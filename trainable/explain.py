@@ -85,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
         "or an image folder with train/<class>/ and test/<class>/"
     ))
-    p.add_argument("--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)")
-    p.add_argument("--cache-dir", help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    p.add_argument(
+        "--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)"
+    )
+    p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune or $HPTUNE_CACHE)")
     p.add_argument("--config", metavar="YAML", help="also explain this configuration (e.g. a search's best_config.yaml)")
     p.add_argument(
         "--precision",
@@ -103,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, str(exc))
     tutorial = TrainConfig(precision=args.precision or "fp32")
     print_table(
-        f"The tutorial's configuration, trained as the tutorial does (one fixed order, no reshuffling; {_precision(tutorial)}):",
+        "The tutorial's configuration, trained as the tutorial does "
+        f"(one fixed order, no reshuffling; {_precision(tutorial)}):",
         tutorial_epochs(data, tutorial),
     )
     if other is not None:
