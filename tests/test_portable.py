@@ -23,8 +23,6 @@ from tuning.journal import Journal, trials
 from tuning.report import main as report_main
 from tuning.search import main as search
 
-pytestmark = pytest.mark.slow
-
 SPACE = """
 lr: {low: 1.0e-3, high: 3.0e-2, log: true}
 batch_size: [16, 32]
@@ -53,6 +51,7 @@ def files_holding(folder: Path, needles: list[str]) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_copied_experiment_is_reported_and_retrained_from_its_new_place(cli, tmp_path, monkeypatch, ray_tmp):
     from torchvision.datasets import FashionMNIST
 
@@ -111,3 +110,20 @@ def test_a_copied_experiment_is_reported_and_retrained_from_its_new_place(cli, t
     checkpoints = [t.checkpoint for t in trials(Journal(copy).read()) if t.checkpoint]
     assert checkpoints and all(c.startswith(str(copy.resolve()) + "/ray/") for c in checkpoints)
     assert files_holding(copy, roots) == []
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "results" / "example"
+MACHINE_ROOTS = ("/work/", "/home/", "/root/", "/tmp/", "/Users/", "/mnt/", "/srv/", "/opt/", "/var/", "C:\\")
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(EXAMPLE).as_posix() for p in EXAMPLE.rglob("*") if p.is_file()))
+def test_the_committed_example_holds_no_absolute_path(path):
+    data = (EXAMPLE / path).read_bytes()
+    assert [root for root in MACHINE_ROOTS if root.encode() in data] == []
+
+
+def test_the_committed_example_names_its_data_as_typed():
+    best = TrainConfig.load(EXAMPLE / "best_config.yaml")
+    assert (best.data, best.data_root) == ("data/cifar10-jpeg", "data")
+    assert "# Re-train without Ray: python -m trainable --config results/example/best_config.yaml\n" in (
+        EXAMPLE / "best_config.yaml").read_text()
