@@ -55,8 +55,11 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     assert (TrainConfig.load(path).lr, TrainConfig.load(path).weight_decay) == (1e-3, 5e-4)
 
 
-def test_resolved_paths_are_absolute(tmp_path, monkeypatch):
+def test_data_paths_are_kept_as_given(tmp_path, monkeypatch):
+    """A relative data path stays relative in the config, its YAML and the files made from it."""
     monkeypatch.chdir(tmp_path)
-    c = TrainConfig(data="imgs", data_root="data").resolved_paths()
-    assert c.data == str(tmp_path / "imgs") and c.data_root == str(tmp_path / "data")
-    assert TrainConfig(data="synthetic").resolved_paths().data == "synthetic"
+    c = TrainConfig(data="imgs", data_root="data")
+    c.save("c.yaml")
+    loaded = TrainConfig.load("c.yaml")
+    assert (loaded.data, loaded.data_root) == ("imgs", "data")
+    assert str(tmp_path) not in (tmp_path / "c.yaml").read_text()

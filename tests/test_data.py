@@ -15,12 +15,21 @@ import pytest
 from tests.fixtures import (
     CLASSES,
     cifar10_batches,
+    cifar100_files,
+    mnist_files,
     patch_cifar10_checksums,
+    patch_cifar100_checksums,
+    patch_mnist_mirrors,
     serve_directory,
     write_cifar10_archive,
+    write_cifar100_archive,
     write_image_folder,
+    write_mnist_files,
 )
+from trainable.__main__ import main as trainable_main
+from trainable.config import TrainConfig
 from trainable.data import DataError, load_cifar10, load_dataset, load_image_folder, make_synthetic
+from trainable.fit import Trainer
 
 
 def test_synthetic_is_seeded_and_shaped_like_cifar10():
@@ -187,3 +196,105 @@ def test_two_processes_decoding_one_image_folder_share_one_cache(tmp_path):
     assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
     assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+
+# --- CIFAR-100, MNIST and Fashion-MNIST by name, in their own formats, from a local server ---
+
+MNIST_STYLE = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # --data name -> torchvision class
+NOWHERE = "http://127.0.0.1:9/"  # nothing listens on port 9: offline
+
+
+def torchvision_class(name: str) -> type:
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, {**MNIST_STYLE, "cifar100": "CIFAR100"}[name])
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A folder served over HTTP on localhost: (folder, base URL, requested paths)."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    with serve_directory(folder) as (base, requests):
+        yield folder, base, requests
+
+
+@pytest.mark.parametrize("name", list(MNIST_STYLE))
+def test_mnist_style_sets_download_once_as_1x28x28_grayscale(tmp_path, monkeypatch, site, name):
+    folder, base, requests = site
+    cls = torchvision_class(name)
+    files = mnist_files()
+    write_mnist_files(folder, files)
+    patch_mnist_mirrors(monkeypatch, cls, files, f"{base}/")
+    root = tmp_path / "data"
+    data = load_dataset(name, root)
+    assert data.train_images.dtype == np.uint8 and data.train_images.shape == (30, 1, 28, 28)
+    assert data.test_images.shape == (10, 1, 28, 28) and data.input_shape == (1, 28, 28)
+    # the idx files' pixels and labels, unchanged and in order
+    assert np.array_equal(data.train_images[:, 0], files["train-images-idx3-ubyte.gz"][0])
+    assert data.test_labels.dtype == np.int64
+    assert np.array_equal(data.test_labels, files["t10k-labels-idx1-ubyte.gz"][0])
+    assert data.classes == tuple(cls.classes) and data.num_classes == 10
+    assert sorted(p.name for p in (root / MNIST_STYLE[name] / "raw").glob("*.gz")) == sorted(files)
+    downloaded = len(requests)
+    assert downloaded >= len(files)
+    again = load_dataset(name, root)
+    assert np.array_equal(again.train_images, data.train_images)
+    assert len(requests) == downloaded  # found on disk: nothing fetched again
+
+
+def test_cifar100_downloads_once_with_its_100_fine_classes(tmp_path, monkeypatch, site):
+    import pickle
+
+    folder, base, requests = site
+    files = cifar100_files()
+    archive = write_cifar100_archive(folder / "cifar-100-python.tar.gz", files)
+    patch_cifar100_checksums(monkeypatch, files, archive, f"{base}/cifar-100-python.tar.gz")
+    root = tmp_path / "data"
+    data = load_dataset("cifar100", root)
+    assert data.train_images.shape == (40, 3, 32, 32) and data.test_images.shape == (20, 3, 32, 32)
+    assert data.num_classes == 100 and data.classes[:2] == ("fine00", "fine01")
+    train = pickle.loads(files["train"])
+    assert data.train_labels.tolist() == train["fine_labels"]
+    assert np.array_equal(data.train_images[0].reshape(-1), train["data"][0])  # channel-major rows
+    downloaded = len(requests)
+    assert downloaded >= 1
+    load_dataset("cifar100", root)
+    assert len(requests) == downloaded
+
+
+@pytest.mark.parametrize(
+    "name, title, files",
+    [
+        ("mnist", "MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"),
+        ("fashion-mnist", "Fashion-MNIST", "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"),
+        ("cifar100", "CIFAR-100", "cifar-100-python.tar.gz"),
+    ],
+)
+def test_offline_without_a_copy_says_where_to_put_the_files(cli, tmp_path, monkeypatch, name, title, files):
+    cls = torchvision_class(name)
+    if name in MNIST_STYLE:
+        monkeypatch.setattr(cls, "mirrors", [NOWHERE])
+    else:
+        monkeypatch.setattr(cls, "url", NOWHERE + "cifar-100-python.tar.gz")
+    root = tmp_path / "data"
+    status, _, err = cli(trainable_main, ["--data", name, "--data-root", str(root)])
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{title} is not in {root} and could not be downloaded" in err
+    assert f"Put {files} (" in err and f") in {root}, or pass --data PATH" in err
+
+
+def test_fashion_mnist_placed_by_hand_trains_the_tutorials_mlp_offline(cli, tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    files = mnist_files()
+    root = tmp_path / "data"
+    write_mnist_files(root / "FashionMNIST" / "raw", files)  # where the offline message says
+    patch_mnist_mirrors(monkeypatch, FashionMNIST, files, NOWHERE)
+    status, out, err = cli(trainable_main, ["--data", "fashion-mnist", "--data-root", str(root), "--epochs", "2"])
+    assert status == 0, err
+    assert "fashion-mnist(" in out and "10 classes, images 1x28x28" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("Epoch")] == ["1/2", "2/2"]
+    # the MLP's input is the data's: 1 x 28 x 28 = 784 pixels, not CIFAR's 3072
+    trainer = Trainer(TrainConfig(epochs=1), load_dataset("fashion-mnist", root), device="cpu")
+    assert trainer.model[1].in_features == 28 * 28

@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, help="weight init and shuffling (default 42)")
     h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH", help="hidden layer widths (default 512 512)")
     r = p.add_argument_group("data and hardware")
-    r.add_argument("--data", help="cifar10 (default), synthetic, or an image folder with train/<class>/ and test/<class>/")
-    r.add_argument("--data-root", help="where cifar10 is found or downloaded (default ./data)")
+    r.add_argument("--data", help=(
+        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
+        "or an image folder with train/<class>/ and test/<class>/"
+    ))
+    r.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
     r.add_argument("--cache-dir", help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
     r.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 where the hardware runs it fast, else fp32")
     r.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
@@ -65,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
-    return base.with_updates(**overrides).resolved_paths()
+    return base.with_updates(**overrides)  # data paths as given: relative ones stay relative
 
 
 def format_epoch(m: dict[str, Any], epochs: int, history: list[dict[str, Any]] | None = None) -> str:

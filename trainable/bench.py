@@ -201,8 +201,13 @@ def precision_check(data: Dataset) -> list[tuple[str, list[dict]]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Time one training epoch: the tutorial's pipeline against ours.")
-    p.add_argument("--data", default="cifar10", help="cifar10 (default), synthetic, or an image folder")
-    p.add_argument("--data-root", default="data", help="where cifar10 is found or downloaded (default ./data)")
+    p.add_argument("--data", default="cifar10", help=(
+        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
+        "or an image folder with train/<class>/ and test/<class>/"
+    ))
+    p.add_argument(
+        "--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)"
+    )
     p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per contender; the median is reported (default 3)")

@@ -10,7 +10,6 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,7 +19,6 @@ from trainable.fileio import atomic_write_text, read_yaml, yaml_number
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "cosine")
-DATA_SOURCES = ("cifar10", "synthetic")  # anything else is a path to an image folder
 
 
 class ConfigError(ValueError):
@@ -39,8 +37,10 @@ class TrainConfig:
     seed: int = 42  # weight init and the per-epoch shuffles
     precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast, else fp32
     hidden: list[int] = field(default_factory=lambda: [512, 512])  # widths of the hidden layers
-    data: str = "cifar10"  # cifar10 | synthetic | path to an image folder with train/ and test/
-    data_root: str = "data"  # where cifar10 is looked for and downloaded to
+    # cifar10 | cifar100 | mnist | fashion-mnist | synthetic | path to an image folder with train/
+    # and test/; a relative path is relative to the working directory and is kept as given
+    data: str = "cifar10"
+    data_root: str = "data"  # where torchvision's data sets are looked for and downloaded to
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,13 +111,6 @@ class TrainConfig:
             return cls.from_dict(values)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-
-    def resolved_paths(self) -> TrainConfig:
-        """The same config with data paths made absolute (Ray moves workers between folders)."""
-        updates: dict[str, Any] = {"data_root": str(Path(self.data_root).expanduser().resolve())}
-        if self.data not in DATA_SOURCES:
-            updates["data"] = str(Path(self.data).expanduser().resolve())
-        return self.with_updates(**updates)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

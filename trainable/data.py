@@ -2,8 +2,10 @@
 
 Every source ends in the same `Dataset`, so the training loop never sees files:
 
-- ``cifar10``   torchvision's CIFAR10 in a data root, downloaded only when missing, under a file
-                lock so concurrent processes never download or extract twice;
+- ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``
+                torchvision's data sets in a data root, downloaded only when missing, under a file
+                lock so concurrent processes never download or extract twice; MNIST-style sets are
+                1x28x28 grayscale, the CIFAR sets 3x32x32;
 - a folder      ``<path>/train/<class>/*.jpg`` and ``<path>/test/<class>/*.jpg`` (torchvision's
                 ImageFolder layout); decoded once, then cached on disk as arrays;
 - ``synthetic`` a small learnable set generated from a seed, for tests and smoke runs.
@@ -67,9 +69,12 @@ def default_cache_dir() -> Path:
 
 
 def load_dataset(source: str, data_root: str | os.PathLike[str] = "data", cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
-    """Load `source` (``cifar10``, ``synthetic`` or an image-folder path) into memory."""
-    if source == "cifar10":
-        return load_cifar10(data_root)
+    """Load `source` (a torchvision set's name, ``synthetic`` or an image-folder path) into memory.
+
+    A relative path (image folder, data root) is relative to the working directory.
+    """
+    if source in TORCHVISION_SETS:
+        return load_torchvision(source, data_root)
     if source == "synthetic":
         return make_synthetic()
     return load_image_folder(source, cache_dir=cache_dir)
@@ -106,33 +111,74 @@ def make_synthetic(
     return Dataset(train_x, train_y, test_x, test_y, classes, f"synthetic(seed={seed})")
 
 
-# --- CIFAR-10 through torchvision ----------------------------------------------------------
+# --- torchvision's data sets, by name ------------------------------------------------------
 
 
-def load_cifar10(data_root: str | os.PathLike[str]) -> Dataset:
-    """CIFAR-10 via torchvision.datasets.CIFAR10 in `data_root`, downloading only when missing."""
-    from torchvision.datasets import CIFAR10
+@dataclass(frozen=True)
+class TorchvisionSet:
+    """One of torchvision's data sets as `--data` names it, and where its files go offline."""
 
+    cls: str  # the class in torchvision.datasets
+    title: str  # the name in messages
+    files: str  # the files to place by hand, relative to the data root
+    site: str  # where to get them
+
+
+CIFAR_SITE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+TORCHVISION_SETS = {
+    "cifar10": TorchvisionSet("CIFAR10", "CIFAR-10", "cifar-10-python.tar.gz", CIFAR_SITE),
+    "cifar100": TorchvisionSet("CIFAR100", "CIFAR-100", "cifar-100-python.tar.gz", CIFAR_SITE),
+    "mnist": TorchvisionSet(
+        "MNIST",
+        "MNIST",
+        "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz",
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    ),
+    "fashion-mnist": TorchvisionSet(
+        "FashionMNIST",
+        "Fashion-MNIST",
+        "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz",
+        "https://github.com/zalandoresearch/fashion-mnist",
+    ),
+}
+SOURCE_NAMES = (*TORCHVISION_SETS, "synthetic")  # what --data takes besides a folder's path
+
+
+def load_torchvision(name: str, data_root: str | os.PathLike[str]) -> Dataset:
+    """`name` (a key of TORCHVISION_SETS) via torchvision.datasets in `data_root`.
+
+    Downloaded only when missing, under a file lock so concurrent processes never download or
+    extract twice. Colour sets become (N, 3, 32, 32), MNIST-style sets (N, 1, 28, 28), uint8.
+    """
+    import torchvision.datasets
+
+    spec = TORCHVISION_SETS[name]
+    cls = getattr(torchvision.datasets, spec.cls)
     root = Path(data_root).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{root}: cannot create the CIFAR-10 data root ({exc.strerror})") from None
+        raise DataError(f"{root}: cannot create the {spec.title} data root ({exc.strerror})") from None
     # One process downloads and extracts; any other waits here and then finds the files.
-    with _lock(root / ".cifar10.lock"):
+    with _lock(root / f".{name}.lock"):
         try:
-            train = CIFAR10(str(root), train=True, download=False)
+            train = cls(str(root), train=True, download=False)
         except RuntimeError:  # "Dataset not found or corrupted"
-            train = _download_cifar10(CIFAR10, root)
-        test = CIFAR10(str(root), train=False, download=False)
-    return Dataset(
-        np.ascontiguousarray(train.data.transpose(0, 3, 1, 2)),
-        np.asarray(train.targets, dtype=np.int64),
-        np.ascontiguousarray(test.data.transpose(0, 3, 1, 2)),
-        np.asarray(test.targets, dtype=np.int64),
-        tuple(train.classes),
-        f"cifar10({root})",
-    )
+            train = _download(cls, spec, root)
+        test = cls(str(root), train=False, download=False)
+    return Dataset(*_arrays(train), *_arrays(test), tuple(train.classes), f"{name}({root})")
+
+
+def load_cifar10(data_root: str | os.PathLike[str]) -> Dataset:
+    """CIFAR-10 via torchvision.datasets.CIFAR10 in `data_root`, downloading only when missing."""
+    return load_torchvision("cifar10", data_root)
+
+
+def _arrays(split) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - a torchvision data set
+    """(images uint8 (N, C, H, W), labels int64) from a torchvision CIFAR or MNIST object."""
+    images = np.asarray(split.data)  # CIFAR: numpy (N, H, W, C); MNIST: a uint8 tensor (N, H, W)
+    images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(images, dtype=np.uint8), np.asarray(split.targets, dtype=np.int64)
 
 
 @contextmanager
@@ -149,14 +195,14 @@ def _lock(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def _download_cifar10(cifar10_cls: type, root: Path):  # noqa: ANN202 - torchvision's class
+def _download(cls: type, spec: TorchvisionSet, root: Path):  # noqa: ANN202 - torchvision's class
     try:
-        return cifar10_cls(str(root), train=True, download=True)
+        return cls(str(root), train=True, download=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        reason = getattr(exc, "reason", None) or exc
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split())  # MNIST's has a line per mirror
         raise DataError(
-            f"CIFAR-10 is not in {root} and could not be downloaded ({reason}). "
-            f"Put cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) in {root}, "
+            f"{spec.title} is not in {root} and could not be downloaded ({reason}). "
+            f"Put {spec.files} ({spec.site}) in {root}, "
             "or pass --data PATH to an image folder with train/<class>/ and test/<class>/ "
             "(for example the extracted cifar10-jpeg archive)."
         ) from None
@@ -193,7 +239,7 @@ Listing = dict[str, list[tuple[str, list[os.DirEntry]]]]  # split -> [(class, [i
 
 def _list_image_folder(root: Path) -> Listing:
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder (--data expects cifar10, synthetic or an image folder)")
+        raise DataError(f"{root}: no such folder (--data expects {', '.join(SOURCE_NAMES)} or an image folder)")
     listing: Listing = {}
     for split in ("train", "test"):
         split_dir = root / split

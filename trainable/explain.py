@@ -1,7 +1,7 @@
 """python -m trainable.explain: why the tutorial saw its test loss below its train loss.
 
 Trains the tutorial's configuration exactly as the tutorial does (one fixed order, batch 64, SGD
-lr 1e-3, seed 42) and prints, per epoch, four numbers the tutorial conflates:
+lr 1e-3, seed 42, fp32 unless --precision says otherwise) and prints, per epoch, four numbers the tutorial conflates:
 
 - the loss of the epoch's last batch: what the tutorial prints as its train loss (50,000 is not a
   multiple of 64, so that batch holds 16 images);
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from trainable.cli import OneLineParser, fail
-from trainable.config import ConfigError, TrainConfig
+from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer
+from trainable.fit import Trainer, autocast_dtype
 from trainable.loops import autocast, evaluate, to_unit
 
 PROG = "python -m trainable.explain"
@@ -81,21 +81,47 @@ def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description="The tutorial's train/test loss puzzle, measured.")
-    p.add_argument("--data", default="cifar10", help="cifar10 (default), synthetic or an image folder")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--cache-dir")
+    p.add_argument("--data", default="cifar10", help=(
+        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
+        "or an image folder with train/<class>/ and test/<class>/"
+    ))
+    p.add_argument(
+        "--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)"
+    )
+    p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune or $HPTUNE_CACHE)")
     p.add_argument("--config", metavar="YAML", help="also explain this configuration (e.g. a search's best_config.yaml)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32 for the tutorial's run unless given (the tutorial is fp32); --config's own precision unless given",
+    )
     args = p.parse_args(argv)
     try:
         other = TrainConfig.load(args.config) if args.config else None
+        if other is not None and args.precision:
+            other = other.with_updates(precision=args.precision)
         data = load_dataset(args.data, args.data_root, cache_dir=args.cache_dir)
     except (ConfigError, DataError) as exc:
         return fail(PROG, str(exc))
-    print_table("The tutorial's configuration, trained as the tutorial does (one fixed order, no reshuffling):", tutorial_epochs(data, TrainConfig()))
+    tutorial = TrainConfig(precision=args.precision or "fp32")
+    print_table(
+        "The tutorial's configuration, trained as the tutorial does "
+        f"(one fixed order, no reshuffling; {_precision(tutorial)}):",
+        tutorial_epochs(data, tutorial),
+    )
     if other is not None:
         print()
-        print_table(f"{args.config} ({other.optimizer}, lr {other.lr:g}, batch {other.batch_size}, {other.schedule} schedule):", our_epochs(data, other))
+        print_table(
+            f"{args.config} ({other.optimizer}, lr {other.lr:g}, batch {other.batch_size}, {other.schedule} schedule; "
+            f"{_precision(other)}):",
+            our_epochs(data, other),
+        )
     return 0
+
+
+def _precision(config: TrainConfig) -> str:
+    """The precision the CPU run of `config` uses: fp32 or bf16 (what `auto` means here)."""
+    return "bf16" if autocast_dtype(config.precision, torch.device("cpu")) is torch.bfloat16 else "fp32"
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ PROG = "python -m tuning.bench"
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Fraction of the machine's time a search spends in train/evaluate.")
-    p.add_argument("--data", default="cifar10", help="cifar10 (default), synthetic or an image folder")
-    p.add_argument("--data-root", help="where cifar10 is found (default ./data)")
+    p.add_argument("--data", default="cifar10", help=(
+        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
+        "or an image folder with train/<class>/ and test/<class>/"
+    ))
+    p.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
     p.add_argument("--samples", type=positive_int, default=12)
     p.add_argument("--epochs", type=positive_int, default=8, help="epochs per trial (default 8)")
     p.add_argument("--batch-size", type=positive_int, default=256)

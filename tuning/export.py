@@ -79,7 +79,7 @@ def best_config_text(experiment: Experiment, trial: TrialRecord) -> str:
         if accuracy is not None and objective is not None else "",
         _verdict_line(last, meta.get("challenge_window", 3)),
         *_confirm_lines(experiment.folder, accuracy),
-        f"Re-train without Ray: python -m trainable --config {_shown(experiment.folder / BEST_CONFIG)}",
+        f"Re-train without Ray: {retrain_command(experiment.folder)}",
     ]
     buffer = io.StringIO()
     for line in filter(None, lines):
@@ -88,13 +88,16 @@ def best_config_text(experiment: Experiment, trial: TrialRecord) -> str:
     return buffer.getvalue()
 
 
-def _shown(path: Path) -> str:
-    """`path` relative to the working directory when it lies under it: no machine's absolute
-    path goes into a file that is meant to be copied."""
+def retrain_command(exp_dir: Path) -> str:
+    """The command that re-trains best_config.yaml, with no absolute path in it.
+
+    Relative to the working directory when the folder is under it (where relative data paths in
+    the configuration also point); otherwise run from the folder itself.
+    """
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return f"python -m trainable --config {Path(exp_dir).resolve().relative_to(Path.cwd().resolve()) / BEST_CONFIG}"
     except ValueError:
-        return str(path)
+        return f"python -m trainable --config {BEST_CONFIG}  (in the experiment's folder)"
 
 
 def _confirm_lines(exp_dir: Path, accuracy: float | None) -> list[str]:

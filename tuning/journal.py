@@ -7,7 +7,7 @@ searcher state is pickled separately from the Optuna study, so after a hard kill
 
     {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}  (at its start)
     {"event": "epoch", "trial": id, "epoch": 3, "train_loss": ..., "objective": ..., ...}
-    {"event": "checkpoint", "trial": id, "epoch": 3, "path": ...}
+    {"event": "checkpoint", "trial": id, "epoch": 3, "path": ...}  (relative to the folder if in it)
     {"event": "end", "trial": id, "error": null | "message"}
 
 Reading it back gives every trial with its epochs, latest checkpoint and status. A line cut short
@@ -38,6 +38,8 @@ class Journal:
         self.path = Path(exp_dir) / JOURNAL
 
     def append(self, event: str, **fields: Any) -> None:
+        if event == "checkpoint" and fields.get("path"):
+            fields["path"] = self._relative(fields["path"])
         record = {"event": event, "time": time.time(), **fields}
         line = json.dumps(_finite(record), allow_nan=False) + "\n"
         with open(self.path, "a") as fh:
@@ -52,10 +54,31 @@ class Journal:
         with open(self.path) as fh:
             for line in fh:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the tail of a write cut short by a kill
+                if record.get("event") == "checkpoint" and record.get("path"):
+                    record["path"] = self._absolute(record["path"])
+                records.append(record)
         return records
+
+    # A checkpoint in the experiment's folder (Ray's default storage, results/<name>/ray) is
+    # written relative to it, so a copied folder holds no absolute path; it is made absolute again
+    # on reading, because a trial resuming from it runs in a folder of Ray's choosing.
+
+    def _relative(self, path: str) -> str:
+        if "://" in path or not os.path.isabs(path):
+            return path
+        folder = self.path.parent.resolve()
+        try:
+            return Path(path).resolve().relative_to(folder).as_posix()
+        except ValueError:  # elsewhere (--storage): as Ray gave it
+            return path
+
+    def _absolute(self, path: str) -> str:
+        if "://" in path or os.path.isabs(path):
+            return path
+        return str(self.path.parent.resolve() / path)
 
 
 def _finite(value: Any) -> Any:

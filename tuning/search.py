@@ -77,8 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="auto: attach to the running Ray cluster of this machine (the head node) instead of starting a local one")
     r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="cifar10 (default), synthetic, or an image folder with train/<class>/ and test/<class>/")
-    d.add_argument("--data-root", help="where cifar10 is found or downloaded (default ./data)")
+    d.add_argument("--data", help=(
+        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
+        "or an image folder with train/<class>/ and test/<class>/"
+    ))
+    d.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
     d.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune or $HPTUNE_CACHE)")
     d.add_argument("--precision", choices=PRECISIONS, help="auto (default), fp32 or bf16")
     o = p.add_argument_group("output")
@@ -135,7 +138,9 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if args.smoke_test:
         overrides.setdefault("data", "synthetic")
         overrides["epochs"] = 2  # the baseline too
-    base = base.with_updates(**overrides).resolved_paths()
+    # Data paths are kept as the user gave them (relative to the working directory), so the
+    # experiment folder holds no absolute path; trials get the data through Ray's object store.
+    base = base.with_updates(**overrides)
     trial_config(base, space, {})  # the space's fixed values must make a valid configuration
     if not args.no_baseline:
         try:
@@ -167,6 +172,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
             raise UsageError(f"{claimed.folder} was started with different settings ({', '.join(changed)}); "
                              f"resume it with its own command:  {old.get('command')}  or use --restart")
         meta = {**old, "status": "running", "command": old.get("command", resume_command(argv, name))}
+        meta.pop("exp_dir", None)  # written by earlier versions; readers use the folder they are given
     else:
         meta = {
             "name": name,
