@@ -37,6 +37,7 @@ from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
 from tuning import export as export_mod
+from tuning import tboard
 from tuning.console import fmt_params, fmt_result, verdict_text
 from tuning.report import write_report
 from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, Journal, TrialRecord, trials
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--restart", action="store_true", help="start the named experiment anew; the old folder is kept as <name>.replaced-<time>")
     o.add_argument("--top", type=positive_int, default=5, help="trials drawn in the report's learning curves (default 5)")
     o.add_argument("--confirm-seeds", type=non_negative_int, default=0, metavar="N", help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
+    o.add_argument("--tensorboard", action="store_true", help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/ (tensorboard --logdir)")
+    o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live progress line")
     o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
     return p
 
@@ -125,6 +128,10 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         raise UsageError("--num-cpus/--num-gpus describe a local cluster; with --address the cluster's own resources are used")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UsageError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose contradict each other; choose one")
+    if args.tensorboard and not tboard.available():
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')")
     space = load_space(args.space) if args.space else default_space(args.smoke_test)
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}
@@ -313,7 +320,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
 
     from trainable.fit import METRICS
     from trainable.ray_trainable import FAULT_ENV, train_trial
-    from tuning.callbacks import ExperimentCallback
+    from tuning.callbacks import LINES, LIVE, QUIET, ExperimentCallback
     from tuning.searcher import BASELINE, CONTINUES, ASHAKeepingBaseline, FixedFirst
 
     meta, space = plan.meta, plan.space
@@ -325,7 +332,7 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
     num_samples = len(pending) + new
     if num_samples == 0:
         return "finished"
-    if plan.resumed:
+    if plan.resumed and not args.quiet:
         done = sum(t.done for t in existing)
         print(f"Resuming {plan.exp_dir.name}: {done} trials done, {len(pending)} to continue from their checkpoints, {new} new")
     # Interrupted trials first (each continues its own checkpoint), then the baseline, then Optuna.
@@ -379,6 +386,9 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
         samples=meta["samples"],
         mode=meta["mode"],
         metrics=(*METRICS, "objective"),
+        output=QUIET if args.quiet else LIVE if sys.stdout.isatty() and not args.verbose else LINES,
+        slots=min(slots, args.max_concurrent or slots),
+        tensorboard=args.tensorboard,
     )
     tuner = tune.Tuner(
         trainable,
@@ -402,7 +412,10 @@ def run_search(plan: Plan, data: Dataset, args: argparse.Namespace, res: dict[st
             verbose=2 if args.verbose else 0,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        callback.close()
     after = trials(journal.read())
     if len(after) < meta["samples"] or not all(t.done for t in after):
         if args.time_budget and time.time() - started >= args.time_budget:
@@ -476,7 +489,8 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
     started_ray = False
     try:
         data = load_dataset(plan.base.data, plan.base.data_root, cache_dir=args.cache_dir)
-        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.exp_dir}", flush=True)
+        if not args.quiet:
+            print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.exp_dir}", flush=True)
         quiet_ray(args.verbose)
         started_ray = start_ray(args)
         res = resources(args)
@@ -491,6 +505,8 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
         paths = export_mod.export(plan.exp_dir)
         _, all_trials = export_mod.load_trials(plan.exp_dir)
         paths["optuna"] = plan.exp_dir / "optuna.db"
+        if args.tensorboard:
+            paths["tensorboard"] = plan.exp_dir / tboard.TENSORBOARD_DIR
         wall = time.time() - started  # the search itself; confirmation and report come after
         if outcome == "finished" and args.confirm_seeds and "best_config" in paths:
             paths["confirm"] = confirm_best(plan, data, args.confirm_seeds)
