@@ -46,6 +46,7 @@ def test_the_line_reads_done_running_best_and_time_left():
     state = LineState(total=20, done=6, running=2, best="trial 4 test_accuracy 53.7%", seconds_left=200)
     assert state.text() == "2 running | best trial 4 test_accuracy 53.7% | about 3 min left"
     assert format_duration(40) == "about 40 s left" and format_duration(3 * 3600) == "about 3.0 h left"
+    assert LineState(total=20, done=20, running=0, best="", seconds_left=0.0).text() == "0 running | all done"
 
 
 def test_trainable_prints_plain_lines_when_not_a_terminal(cli):

@@ -83,24 +83,24 @@ class ExperimentCallback(tune.Callback):
         params = hyperparameters(trial.config)
         config = {**self.base.to_dict(), **params}  # not validated here: a bad one errors in its trial
         continues = trial.config.get(CONTINUES)
+        number = self.numbers.get(continues) if continues else self.searcher.numbers.get(trial.trial_id)
+        if trial.trial_id not in self.known:  # else restarted after a failure: same trial, same record
+            self.known.add(trial.trial_id)
+            record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": config}
+            if continues:
+                record["continues"] = continues
+            elif number is not None:
+                record["number"] = number
+            if trial.config.get(BASELINE):
+                record["baseline"] = True
+            self.journal.append("trial", **record)
+        # what is shown, after what is recorded: a restart resumes from the trial's last checkpoint
         resumes_after = self.checkpoint_epochs.get(trial.trial_id) or self.checkpoint_epochs.get(continues or "", 0)
         self.running[trial.trial_id] = [resumes_after, config.get("epochs", 0), time.time()]
-        number = self.numbers.get(continues) if continues else self.searcher.numbers.get(trial.trial_id)
-        if self.boards is not None:  # a restart after a failure also reopens its run, from its checkpoint
+        if self.boards is not None:
             run = run_name(number) if number is not None else f"trial-{trial.trial_id}"
             self.boards.open(trial.trial_id, run, {**params, "baseline": bool(trial.config.get(BASELINE))}, resumes_after=resumes_after)
         self._show()
-        if trial.trial_id in self.known:
-            return  # restarted after a failure: same trial, same record
-        self.known.add(trial.trial_id)
-        record: dict[str, Any] = {"trial": trial.trial_id, "params": params, "config": config}
-        if continues:
-            record["continues"] = continues
-        elif number is not None:
-            record["number"] = number
-        if trial.config.get(BASELINE):
-            record["baseline"] = True
-        self.journal.append("trial", **record)
 
     @_guarded
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -151,10 +151,10 @@ class ExperimentCallback(tune.Callback):
 
     def _ended(self, trial_id: str) -> None:
         self.running.pop(trial_id, None)
-        if self.boards is not None:
-            self.boards.close(trial_id)
         all_trials = trials(self.journal.read())
         export_mod.export(self.exp_dir, all_trials)  # the CSV files stay current while the search runs
+        if self.boards is not None:
+            self.boards.close(trial_id)
         self.done_trials = [t for t in all_trials if t.done]
         self.best = export_mod.best_trial(all_trials, self.mode)
         this = next((t for t in all_trials if t.trial == trial_id or trial_id in t.aliases), None)

@@ -62,7 +62,8 @@ class LineState:
 
     def text(self) -> str:
         best = f" | best {self.best}" if self.best else ""
-        return f"{self.running} running{best} | {format_duration(self.seconds_left)}"
+        left = "all done" if self.done >= self.total else format_duration(self.seconds_left)
+        return f"{self.running} running{best} | {left}"
 
 
 class LiveLine:
