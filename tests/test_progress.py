@@ -56,10 +56,11 @@ def test_trainable_prints_plain_lines_when_not_a_terminal(cli):
     assert sum(line.startswith("Epoch ") for line in out.splitlines()) == 2
 
 
-def run_in_terminal(argv: list[str], columns: int = 160) -> str:
+def run_in_terminal(argv: list[str], columns: int = 160, env: dict[str, str] | None = None) -> str:
     """Run `python argv...` with a pseudo-terminal as its stdout, as a user's shell would; its output."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the repository importable, as in the tests' own process
+        os.environ.update(env or {})
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
         os.execv(sys.executable, [sys.executable, *argv])
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))  # a window, so tqdm knows its width

@@ -89,6 +89,23 @@ def test_quiet_prints_only_the_summary(cli, tmp_path):
     assert any(line.strip().startswith("trials:") for line in lines)
 
 
+def test_a_terminal_gets_the_live_line_with_the_time_left_and_the_trial_lines_above_it(tmp_path):
+    from tests.test_progress import ROOT, run_in_terminal
+
+    folder = tempfile.mkdtemp(prefix="hpt-ray-")  # Ray's temp folder, short for its socket paths
+    try:
+        out = run_in_terminal([str(ROOT / "tuning" / "search.py"), "--smoke-test", "--num-cpus", "2", "--results-dir", str(tmp_path), "--name", "tty"],
+                              env={"RAY_TMPDIR": folder})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    states = [seg.strip() for seg in out.replace("\r\n", "\n").replace("\n", "\r").split("\r") if "trials done |" in seg]
+    assert any(" running | " in s and s.endswith(" left") for s in states), states  # an estimate was shown
+    assert states[-1].startswith("3/3 trials done") and states[-1].endswith("all done")
+    shown = [line.rstrip("\r").split("\r")[-1] for line in out.split("\n")]
+    assert sum(line.startswith("[") for line in shown) == 3  # the plain trial lines, kept above the live line
+    assert any(line.startswith("Search tty: 3 trials") for line in shown)
+
+
 def test_quiet_and_verbose_together_is_a_usage_error(cli, tmp_path):
     status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path), "--quiet", "--verbose"])
     assert status == 2 and err.count("\n") == 1 and "--quiet" in err and "Traceback" not in err
