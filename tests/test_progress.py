@@ -38,7 +38,8 @@ def test_before_any_trial_ended_new_trials_are_expected_to_run_as_planned():
 
 def test_fewer_trials_left_than_slots_do_not_divide_the_time():
     # one trial with 5 epochs to go on a machine with 4 slots: it still takes 5 epochs of time
-    assert estimate_seconds_left([3.0], running=[(5, 10)], unstarted=0, ended_epochs=[10, 10], slots=4) == pytest.approx(15.0)
+    left = estimate_seconds_left([3.0], running=[(5, 10)], unstarted=0, ended_epochs=[10, 10], slots=4)
+    assert left == pytest.approx(15.0)
     assert estimate_seconds_left([3.0], running=[], unstarted=0, ended_epochs=[10], slots=4) == 0.0
 
 

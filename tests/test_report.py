@@ -151,11 +151,13 @@ def test_trials_table_sorts_by_number_in_a_real_browser(hand_made, tmp_path):
     assert heads > crossing
     # a click on lr sorts ascending by value (0.0005 before 0.001: numbers, not text); then crossing_epoch,
     # whose empty cells go last whichever way it sorts
-    clicks = f"<script>const h = document.querySelectorAll('table.trials th'); h[{lr}].click(); h[{crossing}].click();</script>"
+    clicks = (f"<script>const h = document.querySelectorAll('table.trials th'); "
+              f"h[{lr}].click(); h[{crossing}].click();</script>")
     page = tmp_path / "clicked.html"
     page.write_text(text.replace("</body>", clicks + "</body>"))
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=300, check=True,
     ).stdout
     assert _column(dom, "crossing_epoch") == ["2", "3", "", "", "", ""]

@@ -54,8 +54,9 @@ def searched(tmp_path_factory) -> dict:
     """A finished 6-trial search with --tensorboard: its folder, trials.csv and console output."""
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "space.yaml").write_text(SPACE)
-    argv = ["--data", "synthetic", "--results-dir", str(tmp / "results"), "--name", "tools", "--num-cpus", "2", "--samples", "6",
-            "--space", str(tmp / "space.yaml"), "--sampler", "random", "--grace-period", "1", "--reduction-factor", "2", "--tensorboard"]
+    argv = ["--data", "synthetic", "--results-dir", str(tmp / "results"), "--name", "tools", "--num-cpus", "2",
+            "--samples", "6", "--space", str(tmp / "space.yaml"), "--sampler", "random",
+            "--grace-period", "1", "--reduction-factor", "2", "--tensorboard"]
     out, err = io.StringIO(), io.StringIO()
     with private_ray_tmp(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = search(argv)
@@ -78,10 +79,12 @@ def test_not_a_terminal_gives_one_plain_line_per_trial_and_no_live_line(searched
 
 
 def test_quiet_prints_only_the_summary(cli, tmp_path):
-    (tmp_path / "space.yaml").write_text("lr: {low: 0.01, high: 0.02}\nbatch_size: [256]\nepochs: 1\noptimizer: [adam]\n")
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 0.01, high: 0.02}\nbatch_size: [256]\nepochs: 1\noptimizer: [adam]\n")
     with private_ray_tmp():
-        status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "q", "--num-cpus", "2",
-                                        "--samples", "2", "--no-baseline", "--space", str(tmp_path / "space.yaml"), "--quiet"])
+        argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "q", "--num-cpus", "2",
+                "--samples", "2", "--no-baseline", "--space", str(space), "--quiet"]
+        status, out, err = cli(search, argv)
     assert status == 0, err
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines[0].startswith("Search q: 2 trials (2 finished)")  # nothing before the summary
@@ -94,11 +97,13 @@ def test_a_terminal_gets_the_live_line_with_the_time_left_and_the_trial_lines_ab
 
     folder = tempfile.mkdtemp(prefix="hpt-ray-")  # Ray's temp folder, short for its socket paths
     try:
-        out = run_in_terminal([str(ROOT / "tuning" / "search.py"), "--smoke-test", "--num-cpus", "2", "--results-dir", str(tmp_path), "--name", "tty"],
-                              env={"RAY_TMPDIR": folder})
+        argv = [str(ROOT / "tuning" / "search.py"), "--smoke-test", "--num-cpus", "2",
+                "--results-dir", str(tmp_path), "--name", "tty"]
+        out = run_in_terminal(argv, env={"RAY_TMPDIR": folder})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    states = [seg.strip() for seg in out.replace("\r\n", "\n").replace("\n", "\r").split("\r") if "trials done |" in seg]
+    segments = out.replace("\r\n", "\n").replace("\n", "\r").split("\r")  # every state the line was drawn in
+    states = [seg.strip() for seg in segments if "trials done |" in seg]
     assert any(" running | " in s and s.endswith(" left") for s in states), states  # an estimate was shown
     assert states[-1].startswith("3/3 trials done") and states[-1].endswith("all done")
     shown = [line.rstrip("\r").split("\r")[-1] for line in out.split("\n")]
@@ -172,7 +177,8 @@ def find(dashboard: list[dict], row: pd.Series) -> dict | None:
     """The dashboard's trial with this trials.csv row's hyperparameters."""
     for t in dashboard:
         params = {p["name"]: p["param_external_value"] for p in t["params"]}
-        if math.isclose(float(params.get("lr", "nan")), row["lr"], rel_tol=1e-9) and params.get("optimizer") == row["optimizer"]:
+        same_lr = math.isclose(float(params.get("lr", "nan")), row["lr"], rel_tol=1e-9)
+        if same_lr and params.get("optimizer") == row["optimizer"]:
             return t
     return None
 
@@ -205,6 +211,7 @@ def test_dashboard_lists_the_baseline(searched):
 def test_dashboard_shows_early_stopped_trials_as_pruned(searched):
     dashboard, _ = dashboard_trials(searched["exp"])
     proposed = searched["trials"][~searched["trials"]["baseline"]]
-    states = {row["number"]: (row["status"], (find(dashboard, row) or {}).get("state")) for _, row in proposed.iterrows()}
+    states = {r["number"]: (r["status"], (find(dashboard, r) or {}).get("state")) for _, r in proposed.iterrows()}
     assert "early-stopped" in {s for s, _ in states.values()}
-    assert all(shown == ("Pruned" if status == "early-stopped" else "Complete") for status, shown in states.values()), states
+    expected = {n: (status, "Pruned" if status == "early-stopped" else "Complete") for n, (status, _) in states.items()}
+    assert states == expected

@@ -99,7 +99,8 @@ class ExperimentCallback(tune.Callback):
         self.running[trial.trial_id] = [resumes_after, config.get("epochs", 0), time.time()]
         if self.boards is not None:
             run = run_name(number) if number is not None else f"trial-{trial.trial_id}"
-            self.boards.open(trial.trial_id, run, {**params, "baseline": bool(trial.config.get(BASELINE))}, resumes_after=resumes_after)
+            hparams = {**params, "baseline": bool(trial.config.get(BASELINE))}
+            self.boards.open(trial.trial_id, run, hparams, resumes_after=resumes_after)
         self._show()
 
     @_guarded
@@ -174,7 +175,8 @@ class ExperimentCallback(tune.Callback):
         """What the live line shows, from what this callback has seen."""
         running = [(int(done), int(planned)) for done, planned, _ in self.running.values()]
         unstarted = max(self.samples - len(self.done_trials) - len(running), 0)
-        left = estimate_seconds_left(self.seconds_per_epoch, running, unstarted, [len(t.epochs) for t in self.done_trials], self.slots)
+        ended_epochs = [len(t.epochs) for t in self.done_trials]
+        left = estimate_seconds_left(self.seconds_per_epoch, running, unstarted, ended_epochs, self.slots)
         acc = (self.best.last or {}).get("test_accuracy") if self.best is not None else None
         best = f"trial {self.best.number} test_accuracy {100 * acc:.1f}%" if acc is not None else ""
         return LineState(self.samples, len(self.done_trials), len(running), best, left)

@@ -259,9 +259,11 @@ def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
 
 # Columns of the page's trials table, results first so they show without scrolling sideways
 # (trials.csv keeps its own order); columns not named here follow in the CSV's order.
-TABLE_FIRST = ("number", "status", "objective", "test_accuracy", "train_loss", "test_loss", "challenge_met", "crossing_epoch",
-               "epochs_run", "lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
-TABLE_HIDDEN = ("trial", "train_below_test", "still_decreasing", "baseline")  # the baseline is a highlighted row instead
+TABLE_FIRST = ("number", "status", "objective", "test_accuracy", "train_loss", "test_loss", "challenge_met",
+               "crossing_epoch", "epochs_run", "lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay",
+               "schedule")
+# not shown: the baseline is a highlighted row instead
+TABLE_HIDDEN = ("trial", "train_below_test", "still_decreasing", "baseline")
 
 SORT_SCRIPT = """
 document.querySelectorAll('table.trials th').forEach((th, col) => th.addEventListener('click', () => {
@@ -270,7 +272,10 @@ document.querySelectorAll('table.trials th').forEach((th, col) => th.addEventLis
   table.querySelectorAll('th').forEach(h => h.removeAttribute('aria-sort'));
   th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
   // data-v holds the raw number; empty cells always sort last
-  const key = r => { const c = r.cells[col]; return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.innerText; };
+  const key = r => {
+    const c = r.cells[col];
+    return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.innerText;
+  };
   const cmp = (a, b) => {
     const x = key(a), y = key(b), ex = x === '' || Number.isNaN(x), ey = y === '' || Number.isNaN(y);
     if (ex || ey) return ex - ey;
@@ -295,16 +300,21 @@ def _cell(value: Any) -> str:
 def trials_table_html(trials_df: pd.DataFrame, mode: str) -> str:
     """The sortable trials table, best objective first; the baseline and the best trial highlighted."""
     shown = trials_df.sort_values("objective", ascending=mode == "min", na_position="last")
-    columns = [c for c in TABLE_FIRST if c in shown] + [c for c in shown if c not in TABLE_FIRST and c not in TABLE_HIDDEN]
+    columns = [c for c in TABLE_FIRST if c in shown]
+    columns += [c for c in shown if c not in TABLE_FIRST and c not in TABLE_HIDDEN]
     best = top_trials(trials_df, mode, 1)["trial"].tolist()
     text = {c for c in columns if not pd.api.types.is_numeric_dtype(shown[c]) or pd.api.types.is_bool_dtype(shown[c])}
-    head = "".join(f"<th scope='col'{' class=text' if c in text else ''} title='click to sort'>{html.escape(c)}</th>" for c in columns)
+    head = "".join(
+        f"<th scope='col'{' class=text' if c in text else ''} title='click to sort'>{html.escape(c)}</th>"
+        for c in columns
+    )
     rows = []
     for _, t in shown.iterrows():
         kind = "baseline" if bool(t.get("baseline")) else "best" if t["trial"] in best else ""
         cells = "".join(_cell(t[c].item() if hasattr(t[c], "item") else t[c]) for c in columns)
         rows.append(f"<tr class='{kind}'>{cells}</tr>" if kind else f"<tr>{cells}</tr>")
-    return f"<div class='scroll'><table class='trials'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    return (f"<div class='scroll'><table class='trials'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, figures: dict[str, bytes]) -> str:
@@ -328,7 +338,8 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(meta['name'])}: hyperparameter search</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.4; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.4; }}
 .yes {{ color: #176117; font-size: 1.15em; }} .no {{ color: #a11; font-size: 1.15em; }}
 pre {{ background: #f5f5f5; padding: 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.85em; }}
 figure {{ margin: 1em 0; }} img {{ width: 100%; height: auto; }}
@@ -351,8 +362,9 @@ tbody tr:hover {{ background: #fff7d6; }}
 <h2>Figures</h2>
 {images}
 <h2>Trials</h2>
-<p>Objective: <code>{html.escape(meta['objective'])}</code> ({meta['mode']}). Click a column to sort; scroll sideways for
-the rest. <span style="background:#e6f4e6;font-weight:600">Best trial</span>,
+<p>Objective: <code>{html.escape(meta['objective'])}</code> ({meta['mode']}).
+Click a column to sort; scroll sideways for the rest.
+<span style="background:#e6f4e6;font-weight:600">Best trial</span>,
 <span style="background:#f1f1f1;font-style:italic">the tutorial's baseline</span>.</p>
 {table_html}
 <h2>Command</h2>

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--restart", action="store_true", help="start the named experiment anew; the old folder is kept as <name>.replaced-<time>")
     o.add_argument("--top", type=positive_int, default=5, help="trials drawn in the report's learning curves (default 5)")
     o.add_argument("--confirm-seeds", type=non_negative_int, default=0, metavar="N", help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
-    o.add_argument("--tensorboard", action="store_true", help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/ (tensorboard --logdir)")
-    o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live progress line")
+    o.add_argument("--tensorboard", action="store_true",
+                   help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/")
+    o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live line")
     o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
     return p
 
@@ -131,7 +132,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if args.quiet and args.verbose:
         raise UsageError("--quiet and --verbose contradict each other; choose one")
     if args.tensorboard and not tboard.available():
-        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')")
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     space = load_space(args.space) if args.space else default_space(args.smoke_test)
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}

@@ -38,8 +38,8 @@ class TrialBoards:
         self.writers: dict[str, Any] = {}  # Ray trial id -> SummaryWriter
 
     def open(self, trial_id: str, run: str, hyperparameters: dict[str, Any], *, resumes_after: int = 0) -> None:
-        """Start (or continue) the trial's run (its folder name, run_name(number)); a continued run drops what it logged after its
-        checkpoint's epoch, since those epochs are trained and reported again."""
+        """Start (or continue) the trial's run (its folder name, run_name(number)); a continued run drops
+        what it logged after its checkpoint's epoch, since those epochs are trained and reported again."""
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -47,7 +47,8 @@ class TrialBoards:
         purge = resumes_after + 1 if resumes_after else None
         writer = SummaryWriter(log_dir=str(self.root / run), purge_step=purge, flush_secs=10)
         if not resumes_after:  # the hyperparameters, once per trial
-            exp, ssi, _ = hparams({k: _hparam_value(v) for k, v in hyperparameters.items()}, {m: 0.0 for m in HPARAM_METRICS})
+            values = {k: _hparam_value(v) for k, v in hyperparameters.items()}
+            exp, ssi, _ = hparams(values, {m: 0.0 for m in HPARAM_METRICS})  # metric values: read from the scalars
             for summary in (exp, ssi):
                 writer.file_writer.add_summary(summary)
         self.writers[trial_id] = writer
