@@ -136,3 +136,57 @@ def test_missing_or_empty_experiment_is_one_clear_error(cli, tmp_path):
     (exp / "experiment.json").write_text(json.dumps(META))
     status, _, err = cli(report, [str(exp)])
     assert status == 2 and "has no trials yet" in err
+
+
+def _column(page_html: str, name: str) -> list[str]:
+    """The cells of one column of the trials table, top to bottom, as the page shows them."""
+    import re
+
+    table = page_html[re.search("class=.trials.", page_html).start():]  # a browser's DOM dump quotes "trials"
+    heads = [re.sub("<[^>]+>", "", h) for h in re.findall(r"<th[^>]*>(.*?)</th>", table)]
+    col = heads.index(name)
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table.split("</thead>", 1)[1].split("</table>", 1)[0])
+    return [re.findall(r"<td[^>]*>(.*?)</td>", r)[col] for r in rows]
+
+
+def test_trials_table_puts_results_first_and_marks_best_and_baseline(hand_made):
+    text = write_report(hand_made).read_text()
+    assert _column(text, "number") == ["2", "6", "3", "1", "4", "5"]  # best objective first, errored last
+    assert "<tr class='best'><td data-v='2'>2</td>" in text
+    assert "<tr class='baseline'><td data-v='1'>1</td>" in text
+    heads = text.split("<thead>", 1)[1].split("</thead>", 1)[0]
+    assert heads.index(">test_accuracy<") < heads.index(">lr<")  # results before hyperparameters
+
+
+@pytest.mark.slow
+def test_trials_table_sorts_by_number_in_a_real_browser(hand_made, tmp_path):
+    import shutil as sh
+    import subprocess
+
+    browser = sh.which("chromium") or sh.which("chromium-browser") or sh.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium installed (Debian: apt-get install chromium)")
+    text = write_report(hand_made).read_text()
+    heads = text.split("<thead>", 1)[1].split("</thead>", 1)[0].count("<th")
+    lr, crossing = _column_index(text, "lr"), _column_index(text, "crossing_epoch")
+    assert heads > crossing
+    # a click on lr sorts ascending by value (0.0005 before 0.001: numbers, not text); then crossing_epoch,
+    # whose empty cells go last whichever way it sorts
+    clicks = (f"<script>const h = document.querySelectorAll('table.trials th'); "
+              f"h[{lr}].click(); h[{crossing}].click();</script>")
+    page = tmp_path / "clicked.html"
+    page.write_text(text.replace("</body>", clicks + "</body>"))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    assert _column(dom, "crossing_epoch") == ["2", "3", "", "", "", ""]
+    assert _column(dom, "lr")[2:] == ["0.0005", "0.001", "0.01", "5"]  # the trials without a crossing, by lr ascending
+
+
+def _column_index(page_html: str, name: str) -> int:
+    import re
+
+    heads = page_html.split("<thead>", 1)[1].split("</thead>", 1)[0]
+    return [re.sub("<[^>]+>", "", h) for h in re.findall(r"<th[^>]*>(.*?)</th>", heads)].index(name)

@@ -85,6 +85,14 @@ def format_epoch(m: dict[str, Any], epochs: int, history: list[dict[str, Any]] |
     return line
 
 
+def epoch_bar(epochs: int):  # noqa: ANN201 - a tqdm bar
+    """A progress bar over the epochs, with tqdm's time left; only drawn on a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=epochs, file=sys.stdout, unit="epoch", leave=False, dynamic_ncols=True,
+                bar_format="epoch {n_fmt}/{total_fmt} |{bar:30}| {elapsed} elapsed, about {remaining} left")
+
+
 def format_verdict(m: dict[str, Any], window: int) -> str:
     if m["diverged"]:
         return "Challenge: not met (training diverged: the loss became NaN or infinite)"
@@ -144,8 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.json:
         print(f"{data!r} on {device} ({trainer.precision}); {config.to_dict()}")
     last: dict[str, Any] | None = None
+    bar = epoch_bar(config.epochs) if sys.stdout.isatty() and not args.json else None
     for last in trainer.run():
-        print(dumps(last) if args.json else format_epoch(last, config.epochs, trainer.history), flush=True)
+        line = dumps(last) if args.json else format_epoch(last, config.epochs, trainer.history)
+        if bar is None:
+            print(line, flush=True)
+        else:  # the epoch's line above the bar, which moves on by one
+            bar.write(line, file=sys.stdout)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     if last is not None and not args.json:
         print(format_verdict(last, args.challenge_window))
     return 0

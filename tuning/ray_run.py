@@ -20,6 +20,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ from ray.tune.schedulers import FIFOScheduler
 from trainable.config import TrainConfig
 from trainable.data import Dataset
 from trainable.fit import METRICS, Trainer, flush_denormals
-from tuning.callbacks import ExperimentCallback
+from tuning.callbacks import LINES, LIVE, QUIET, ExperimentCallback
 from trainable.cli import UsageError
 from tuning.experiment import Experiment
 from tuning.journal import TrialRecord
@@ -246,7 +247,15 @@ def run_trials(
     )
     trainable = tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
     experiment.journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
-    callback = ExperimentCallback(experiment, base=base, searcher=searcher, metrics=TRIAL_METRICS)
+    callback = ExperimentCallback(
+        experiment,
+        base=base,
+        searcher=searcher,
+        metrics=TRIAL_METRICS,
+        output=QUIET if args.quiet else LIVE if sys.stdout.isatty() and not args.verbose else LINES,
+        slots=min(slots, args.max_concurrent or slots),
+        tensorboard=args.tensorboard,
+    )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -269,7 +278,10 @@ def run_trials(
             verbose=2 if args.verbose else 0,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        callback.close()
     experiment.reload()
     if len(experiment.trials) < meta["samples"] or not all(t.done for t in experiment.trials):
         if args.time_budget and time.time() - started >= args.time_budget:

@@ -29,6 +29,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python tuning/report.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import pandas as pd
 
 from trainable.cli import OneLineParser, fail, positive_int
@@ -149,7 +150,7 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path, window: int) -> None:
 
 def plot_progress(progress: pd.DataFrame, path: Path, objective: str) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(12, 4.2), dpi=DPI)  # the width of the other two
     for status, group in progress.groupby("status"):
         marker, colour = STATUS_STYLE.get(status, ("o", "tab:purple"))
         ax.scatter(group["number"], group["objective"], marker=marker, color=colour, s=45, label=status, zorder=3)
@@ -255,22 +256,70 @@ def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# Columns of the page's trials table, results first so they show without scrolling sideways
+# (trials.csv keeps its own order); columns not named here follow in the CSV's order.
+TABLE_FIRST = ("rank", "number", "status", "objective", "test_accuracy", "train_loss", "test_loss", "challenge_met",
+               "crossing_epoch", "epochs_run", "lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay",
+               "schedule")
+# not shown: the baseline is a highlighted row instead
+TABLE_HIDDEN = ("trial", "train_below_test", "still_decreasing", "above_chance", "baseline")
+
 SORT_SCRIPT = """
 document.querySelectorAll('table.trials th').forEach((th, col) => th.addEventListener('click', () => {
-  const body = th.closest('table').tBodies[0];
-  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
-  const key = r => { const t = r.cells[col].innerText; const n = parseFloat(t); return isNaN(n) ? t : n; };
-  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1)).forEach(r => body.appendChild(r));
+  const table = th.closest('table'), body = table.tBodies[0];
+  const asc = th.getAttribute('aria-sort') !== 'ascending';
+  table.querySelectorAll('th').forEach(h => h.removeAttribute('aria-sort'));
+  th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+  // data-v holds the raw number; empty cells always sort last
+  const key = r => {
+    const c = r.cells[col];
+    return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.innerText;
+  };
+  const cmp = (a, b) => {
+    const x = key(a), y = key(b), ex = x === '' || Number.isNaN(x), ey = y === '' || Number.isNaN(y);
+    if (ex || ey) return ex - ey;
+    return (x > y ? 1 : x < y ? -1 : 0) * (asc ? 1 : -1);
+  };
+  [...body.rows].sort(cmp).forEach(r => body.appendChild(r));
 }));
 """
+
+
+def _cell(value: Any) -> str:
+    """One table cell: numbers right-aligned with 4 significant digits and their raw value for sorting."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "<td data-v='NaN'></td>"
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
+        return f"<td class='text'>{html.escape(str(value))}</td>"
+    if isinstance(value, (int, np.integer)):
+        return f"<td data-v='{value}'>{value}</td>"
+    return f"<td data-v='{value!r}'>{value:.4g}</td>"
+
+
+def trials_table_html(trials_df: pd.DataFrame, mode: str) -> str:
+    """The sortable trials table, best objective first; the baseline and the best trial highlighted."""
+    shown = trials_df.sort_values(["rank", "number"], na_position="last")  # the ranking: tuning.experiment.rank
+    columns = [c for c in TABLE_FIRST if c in shown]
+    columns += [c for c in shown if c not in TABLE_FIRST and c not in TABLE_HIDDEN]
+    best = top_trials(trials_df, mode, 1)["trial"].tolist()
+    text = {c for c in columns if not pd.api.types.is_numeric_dtype(shown[c]) or pd.api.types.is_bool_dtype(shown[c])}
+    head = "".join(
+        f"<th scope='col'{' class=text' if c in text else ''} title='click to sort'>{html.escape(c)}</th>"
+        for c in columns
+    )
+    rows = []
+    for _, t in shown.iterrows():
+        kind = "baseline" if bool(t.get("baseline")) else "best" if t["trial"] in best else ""
+        cells = "".join(_cell(t[c].item() if hasattr(t[c], "item") else t[c]) for c in columns)
+        rows.append(f"<tr class='{kind}'>{cells}</tr>" if kind else f"<tr>{cells}</tr>")
+    return (f"<div class='scroll'><table class='trials'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, figures: dict[str, bytes]) -> str:
     best_config = exp_dir / export_mod.BEST_CONFIG
     config_text = best_config.read_text() if best_config.exists() else "(no trial produced a result)"
-    hidden = ["trial", "train_below_test", "still_decreasing", "above_chance"]
-    shown = trials_df.drop(columns=hidden).sort_values(["rank", "number"], na_position="last")
-    table_html = shown.to_html(index=False, classes="trials", float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
+    table_html = trials_table_html(trials_df, meta["mode"])
     confirm_html = ""
     confirm_file = exp_dir / CONFIRM_FILE
     if confirm_file.exists():
@@ -279,7 +328,8 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
         check = lucky_seed_check(rows, float(best["test_accuracy"].iloc[0])) if len(best) else ""
         confirm_html = (
             f"<h2>Confirmed with new seeds</h2><p>The best configuration re-trained: {html.escape(describe(rows))}.</p>"
-            f"<p>{html.escape(check[:1].upper() + check[1:])}.</p>" + pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+            f"<p>{html.escape(check[:1].upper() + check[1:])}.</p><div class='scroll'>"
+            + pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + "</div>"
         )
     images = "\n".join(
         f"<figure><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></figure>" for name, data in figures.items()
@@ -287,11 +337,21 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(meta['name'])}: hyperparameter search</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1250px; margin: 2em auto; padding: 0 1em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.4; }}
 .yes {{ color: #176117; font-size: 1.15em; }} .no {{ color: #a11; font-size: 1.15em; }}
-pre {{ background: #f5f5f5; padding: 0.8em; overflow-x: auto; }} img {{ max-width: 100%; }}
-table {{ border-collapse: collapse; font-size: 0.85em; }} th, td {{ padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; text-align: right; }}
-th {{ cursor: pointer; background: #f0f0f0; position: sticky; top: 0; }}
+pre {{ background: #f5f5f5; padding: 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.85em; }}
+figure {{ margin: 1em 0; }} img {{ width: 100%; height: auto; }}
+.scroll {{ overflow: auto; max-height: 80vh; border: 1px solid #ddd; }}
+table {{ border-collapse: collapse; font-size: 0.82em; font-variant-numeric: tabular-nums; }}
+th, td {{ padding: 0.25em 0.55em; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }}
+td.text, th.text {{ text-align: left; }}
+th {{ background: #eee; position: sticky; top: 0; }}
+table.trials th {{ cursor: pointer; user-select: none; }}
+table.trials th:hover {{ background: #ddd; }}
+th[aria-sort=ascending]::after {{ content: ' \\25B2'; }} th[aria-sort=descending]::after {{ content: ' \\25BC'; }}
+tr.best {{ background: #e6f4e6; font-weight: 600; }} tr.baseline {{ background: #f1f1f1; font-style: italic; }}
+tbody tr:hover {{ background: #fff7d6; }}
 </style></head><body>
 <h1>Search {html.escape(meta['name'])}</h1>
 {verdict_html(meta, trials_df)}
@@ -301,7 +361,10 @@ th {{ cursor: pointer; background: #f0f0f0; position: sticky; top: 0; }}
 <h2>Figures</h2>
 {images}
 <h2>Trials</h2>
-<p>Objective: <code>{html.escape(meta['objective'])}</code> ({meta['mode']}). Click a column to sort.</p>
+<p>Objective: <code>{html.escape(meta['objective'])}</code> ({meta['mode']}).
+Click a column to sort; scroll sideways for the rest.
+<span style="background:#e6f4e6;font-weight:600">Best trial</span>,
+<span style="background:#f1f1f1;font-style:italic">the tutorial's baseline</span>.</p>
 {table_html}
 <h2>Command</h2>
 <pre>{html.escape(meta.get('command', ''))}</pre>

@@ -36,6 +36,7 @@ from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
 from tuning import experiment as experiment_mod
 from tuning import export as export_mod
+from tuning import tboard
 from tuning.console import fmt_params, fmt_result, verdict_text
 from tuning.experiment import Experiment, ExperimentError
 from tuning.journal import DIVERGED, DONE, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, STALLED, Journal
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--restart", action="store_true", help="start the named experiment anew; the old folder is kept as <name>.replaced-<time>")
     o.add_argument("--top", type=positive_int, default=5, help="trials drawn in the report's learning curves (default 5)")
     o.add_argument("--confirm-seeds", type=non_negative_int, default=0, metavar="N", help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
+    o.add_argument("--tensorboard", action="store_true",
+                   help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/")
+    o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live line")
     o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
     return p
 
@@ -132,6 +136,10 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         raise UsageError("--num-cpus/--num-gpus describe a local cluster; with --address the cluster's own resources are used")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UsageError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose contradict each other; choose one")
+    if args.tensorboard and not tboard.available():
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     space = load_space(args.space) if args.space else default_space(args.smoke_test)
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}
@@ -291,7 +299,8 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
     started_ray = False
     try:
         data = load_dataset(plan.base.data, plan.base.data_root, cache_dir=args.cache_dir)
-        print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.folder}", flush=True)
+        if not args.quiet:
+            print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.folder}", flush=True)
         ray_run.quiet_ray(args.verbose)
         started_ray = ray_run.start_ray(args)
         res = ray_run.resources(args)
@@ -300,7 +309,7 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
         fixed, pending, num_samples = plan_trials(experiment, plan.space, args.no_baseline)
         outcome = "finished"
         if num_samples:
-            if plan.resumed:
+            if plan.resumed and not args.quiet:
                 print(f"Resuming {experiment.name}: {sum(t.done for t in experiment.trials)} trials done, "
                       f"{len(pending)} to continue from their checkpoints, {num_samples - len(pending)} new")
             base = trial_config(plan.base, plan.space, {})  # the base with the space's fixed values
@@ -313,6 +322,8 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
         experiment.reload()
         paths = export_mod.export(experiment)
         paths["optuna"] = plan.folder / "optuna.db"
+        if args.tensorboard:
+            paths["tensorboard"] = plan.folder / tboard.TENSORBOARD_DIR
         wall = time.time() - started  # the search itself; confirmation and report come after
         if outcome == "finished" and args.confirm_seeds and "best_config" in paths:
             paths["confirm"] = confirm_best(experiment, data, args.confirm_seeds)
