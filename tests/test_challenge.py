@@ -103,7 +103,11 @@ def test_rank_puts_the_most_accurate_trial_meeting_the_challenge_first():
     assert rank([trial(1, 0.3, False), trial(2, 0.5, False)], "max")[0].number == 2
 
 
-def test_a_trial_at_chance_after_its_first_epoch_is_stalled():
-    assert stalled({"epoch": 1, "test_accuracy": 0.10}, classes=10)
-    assert not stalled({"epoch": 1, "test_accuracy": 0.127}, classes=10)  # the tutorial's first epoch
-    assert not stalled({"epoch": 2, "test_accuracy": 0.10}, classes=10)  # judged once, after epoch 1
+def test_a_trial_at_chance_with_a_flat_loss_after_two_epochs_is_stalled():
+    dead = [{"epoch": 1, "test_accuracy": 0.10, "test_loss": 2.3026}, {"epoch": 2, "test_accuracy": 0.10, "test_loss": 2.3026}]
+    assert stalled(dead, classes=10)
+    assert stalled([dead[0], {**dead[1], "test_loss": None}], classes=10)  # a non-finite loss: no learning either
+    slow = [dead[0], {"epoch": 2, "test_accuracy": 0.105, "test_loss": 2.28}]  # near chance, but the loss falls
+    assert not stalled(slow, classes=10)
+    assert not stalled([dead[0], {**dead[1], "test_accuracy": 0.127}], classes=10)  # above chance
+    assert not stalled(dead[:1], classes=10) and not stalled([*dead, dead[1]], classes=10)  # judged once, at epoch 2

@@ -151,9 +151,10 @@ def _column(page_html: str, name: str) -> list[str]:
 
 def test_trials_table_puts_results_first_and_marks_best_and_baseline(hand_made):
     text = write_report(hand_made).read_text()
-    assert _column(text, "number") == ["2", "6", "3", "1", "4", "5"]  # best objective first, errored last
-    assert "<tr class='best'><td data-v='2'>2</td>" in text
-    assert "<tr class='baseline'><td data-v='1'>1</td>" in text
+    assert _column(text, "number") == ["2", "6", "3", "1", "4", "5"]  # by rank; diverged and errored last
+    assert _column(text, "rank") == ["1", "2", "3", "4", "", ""]
+    assert "<tr class='best'><td data-v='1'>1</td><td data-v='2'>2</td>" in text
+    assert "<tr class='baseline'><td data-v='4'>4</td><td data-v='1'>1</td>" in text
     heads = text.split("<thead>", 1)[1].split("</thead>", 1)[0]
     assert heads.index(">test_accuracy<") < heads.index(">lr<")  # results before hyperparameters
 

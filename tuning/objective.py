@@ -11,7 +11,7 @@ that meets it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainable import challenge
@@ -24,9 +24,13 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
 DEFAULT_OBJECTIVE = "test_accuracy"
 # What a diverged run is told to the searcher as: worse than any real result, but finite.
 WORST = {"max": -1.0, "min": 1e9}
-# A trial still within this much of chance accuracy after its first epoch has learned nothing
-# and is stopped as "stalled" (the default space's dead corners end at exactly 10.0%).
+# A trial that after two epochs is still within STALL_MARGIN of chance accuracy and whose test
+# loss did not fall by STALL_LOSS_DROP from its first epoch has learned nothing and cannot: it
+# is stopped as "stalled" (the default space's dead corners sit at exactly 10.0% with a flat
+# loss of ln 10). A slow learner still near chance but with a falling loss runs on.
 STALL_MARGIN = 0.02
+STALL_LOSS_DROP = 0.005
+STALL_EPOCH = 2
 
 
 def objective_value(metrics: Mapping[str, Any], objective: str) -> float:
@@ -54,7 +58,14 @@ def constraints(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def stalled(metrics: Mapping[str, Any], classes: int) -> bool:
-    """At chance level after the first epoch: the trial cannot learn."""
-    accuracy = metrics.get("test_accuracy")
-    return metrics.get("epoch") == 1 and accuracy is not None and accuracy < 1.0 / classes + STALL_MARGIN
+def stalled(history: Sequence[Mapping[str, Any]], classes: int) -> bool:
+    """At chance level with a flat (or non-finite) test loss after its first two epochs."""
+    if len(history) != STALL_EPOCH:
+        return False
+    chance = 1.0 / classes + STALL_MARGIN
+    if any(m.get("test_accuracy") is None or m["test_accuracy"] >= chance for m in history):
+        return False
+    first, last = (m.get("test_loss") for m in history)
+    if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)):
+        return True
+    return last > first - STALL_LOSS_DROP

@@ -4,8 +4,8 @@ The trial is the same Trainer as `python -m trainable`. Per epoch it calls `tune
 epoch's metrics (plus `objective`, the scalar the search steers by) and a checkpoint holding
 model, optimizer and history. A trial restarted by Tune (after a failure) or continued by a
 resumed search picks up from its checkpoint at the next epoch, and reports `epoch` as the epoch
-number, so the scheduler counts epochs, not restarts. A trial still at chance level after its
-first epoch stops there as `stalled` (unless early stopping is off).
+number, so the scheduler counts epochs, not restarts. A trial still at chance level with a flat
+test loss after two epochs stops there as `stalled` (unless early stopping is off).
 
 The data set is loaded once by the driver and reaches every trial through Ray's object store
 (`tune.with_parameters`). Without --address the search starts a private local Ray on loopback,
@@ -104,7 +104,7 @@ def train_trial(
         if inject_fault:
             _inject_fault(inject_fault, metrics["epoch"], config)
         metrics["objective"] = objective_value(metrics, objective)
-        metrics["stalled"] = stop_stalled and not params.get(BASELINE) and stalled(metrics, data.num_classes)
+        metrics["stalled"] = stop_stalled and not params.get(BASELINE) and stalled(trainer.history, data.num_classes)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -287,7 +287,7 @@ document.querySelectorAll('table.trials th').forEach((th, col) => th.addEventLis
 
 def _cell(value: Any) -> str:
     """One table cell: numbers right-aligned with 4 significant digits and their raw value for sorting."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
         return "<td data-v='NaN'></td>"
     if isinstance(value, (bool, np.bool_)) or isinstance(value, str):
         return f"<td class='text'>{html.escape(str(value))}</td>"
