@@ -1,0 +1,175 @@
+"""What Ray already holds on the machine never changes the default search; --address attaches, or says why not.
+
+Every Ray started here is a real `ray start` (token authentication on, as Ray 2.60 starts it when a
+token exists) with its own temp dir and home, stopped by the fixture that started it by killing its
+process group: never `ray stop`, which would stop every Ray of the machine's user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tuning.search import build_parser, main as search, storage_warning
+
+REPO = Path(__file__).resolve().parent.parent
+SEARCH = str(REPO / "tuning" / "search.py")
+RAY = str(Path(sys.executable).parent / "ray")
+FAST_SPACE = "lr: {low: 0.005, high: 0.02}\nbatch_size: [128]\nepochs: 2\noptimizer: [nesterov]\nmomentum: 0.9\n"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayMachine:
+    """A Ray temp dir and home of its own (short: Ray's socket paths must stay under 108 characters)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="hpt", dir="/tmp"))
+        self.home = self.root / "home"
+        (self.home / ".ray").mkdir(parents=True)
+        (self.home / ".ray" / "auth_token").write_text(os.urandom(16).hex())  # so `ray start` turns on token auth
+        self.groups: list[int] = []
+
+    @property
+    def address_file(self) -> Path:
+        return self.root / "ray" / "ray_current_cluster"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return {**env, "RAY_TMPDIR": str(self.root), "HOME": str(self.home), "PYTHONPATH": str(REPO), **extra}
+
+    def ray_start(self, *argv: str, python: str | None = None, env: dict[str, str] | None = None) -> None:
+        """`ray start ...` in a new process group; the node's daemons stay in that group."""
+        command = [python, "-c", "from ray.scripts.scripts import main; main()"] if python else [RAY]
+        proc = subprocess.Popen(
+            [*command, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / "ray"),
+             "--include-dashboard", "false", "--disable-usage-stats", *argv],
+            env=env or self.env(), cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+        self.groups.append(proc.pid)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+
+    def head(self, *argv: str) -> str:
+        self.ray_start("--head", "--port", "0", *argv)
+        return self.address_file.read_text().strip()
+
+    def search(self, argv: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, SEARCH, *argv], env=self.env(**env), cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def kill(self, group: int) -> None:
+        """SIGTERM the process group, SIGKILL what is left once Ray had its time to exit."""
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.time() + wait
+            while time.time() < deadline:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for group in self.groups:
+            self.kill(group)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def machine() -> Iterator[RayMachine]:
+    m = RayMachine()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def space(tmp_path: Path, text: str = FAST_SPACE) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# --- the default search: a private local Ray ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stale_address_file_and_ray_address_do_not_change_the_default_search(machine, tmp_path):
+    # what a killed `ray start --head` leaves behind, and a stale RAY_ADDRESS in the shell
+    dead = f"127.0.0.1:{closed_port()}"
+    machine.address_file.parent.mkdir(parents=True)
+    machine.address_file.write_text(dead)
+    result = machine.search(["--smoke-test", "--num-cpus", "2", "--results-dir", str(tmp_path / "results"), "--name", "smoke"],
+                            cwd=tmp_path, RAY_ADDRESS=dead)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(pd.read_csv(tmp_path / "results" / "smoke" / "trials.csv")) == 3
+    assert "Failed to connect" not in result.stderr and "num_cpus and num_gpus must not be provided" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_running_cluster_is_not_joined_by_the_default_search(machine, tmp_path):
+    address = machine.head("--num-cpus", "1")
+    # --num-cpus is refused by Ray when joining a cluster, and the head has 1 CPU, not 2
+    result = machine.search(["--data", "synthetic", "--num-cpus", "2", "--samples", "2", "--no-baseline", "--space", space(tmp_path),
+                             "--results-dir", str(tmp_path / "results"), "--name", "own"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "of 2 CPUs" in result.stdout and "Ray cluster:" not in result.stdout
+    host, port = address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=5).close()  # the cluster is still there
+
+
+# --- --address: attach, or one line and exit 2 ----------------------------------------------
+
+
+def test_a_dead_address_is_one_line_exit_2_and_nothing_written(cli, tmp_path):
+    results = tmp_path / "results"
+    started = time.time()
+    status, out, err = cli(search, ["--smoke-test", "--address", f"127.0.0.1:{closed_port()}", "--results-dir", str(results), "--name", "x"])
+    assert status == 2, (out, err)
+    assert "no Ray cluster answers at 127.0.0.1:" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not results.exists()  # no experiment folder, no lock file
+    assert time.time() - started < 60  # seconds, not Ray's minutes of retries (a generous bound for a slow box)
+
+
+def test_auto_with_a_stale_address_file_or_none_is_one_line_exit_2(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    results = tmp_path / "results"
+    status, _, err = cli(search, ["--smoke-test", "--address", "auto", "--results-dir", str(results)])
+    assert status == 2 and "--address auto: no Ray cluster was started on this machine" in err
+    (tmp_path / "raytmp" / "ray").mkdir(parents=True)
+    (tmp_path / "raytmp" / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed_port()}")
+    status, _, err = cli(search, ["--smoke-test", "--address", "auto", "--results-dir", str(results)])
+    assert status == 2 and "no Ray cluster answers" in err and "ray_current_cluster" in err
+    assert len(err.strip().splitlines()) == 1 and not results.exists()
+
+
+def test_a_cluster_without_shared_storage_is_warned_about():
+    def warning(*argv: str) -> str | None:
+        return storage_warning(build_parser().parse_args(list(argv)))
+
+    assert warning() is None  # a local Ray: one disk
+    assert "without --storage" in warning("--address", "auto") and "cannot read its checkpoint" in warning("--address", "auto")
+    assert "--storage /data/ckpt is a local path" in warning("--address", "auto", "--storage", "/data/ckpt")
+    assert warning("--address", "auto", "--storage", "s3://bucket/hptune") is None
