@@ -40,7 +40,7 @@ class RayMachine:
     """A Ray temp dir and home of its own (short: Ray's socket paths must stay under 108 characters)."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="hpt", dir="/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix="rayst-", dir="/tmp"))
         self.home = self.root / "home"
         (self.home / ".ray").mkdir(parents=True)
         (self.home / ".ray" / "auth_token").write_text(os.urandom(16).hex())  # so `ray start` turns on token auth
@@ -58,8 +58,8 @@ class RayMachine:
         """`ray start ...` in a new process group; the node's daemons stay in that group."""
         command = [python, "-c", "from ray.scripts.scripts import main; main()"] if python else [RAY]
         proc = subprocess.Popen(
-            [*command, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / "ray"),
-             "--include-dashboard", "false", "--disable-usage-stats", *argv],
+            [*command, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
+             *(["--include-dashboard", "false"] if "--head" in argv else []), *argv],
             env=env or self.env(), cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )
@@ -173,3 +173,38 @@ def test_a_cluster_without_shared_storage_is_warned_about():
     assert "without --storage" in warning("--address", "auto") and "cannot read its checkpoint" in warning("--address", "auto")
     assert "--storage /data/ckpt is a local path" in warning("--address", "auto", "--storage", "/data/ckpt")
     assert warning("--address", "auto", "--storage", "s3://bucket/hptune") is None
+
+
+# --- a real cluster on one machine ----------------------------------------------------------
+
+
+def bare_worker_env(machine: RayMachine) -> tuple[str, dict[str, str]]:
+    """A Python with Ray, torch and the dependencies, but not this project: the base interpreter
+    with the venv's site-packages on PYTHONPATH, whose .pth files (the editable install) it never runs."""
+    import sysconfig
+
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    env = machine.env(PYTHONPATH=sysconfig.get_paths()["purelib"], RAY_AUTH_MODE="token")  # a worker joins with the head's token
+    probe = subprocess.run([str(base), "-c", "import ray, torch, optuna\ntry:\n import trainable\nexcept ImportError: print('no')"],
+                           env=env, cwd=machine.root, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "no", probe.stdout + probe.stderr  # it has Ray and torch; the project it cannot import
+    return str(base), env
+
+
+@pytest.mark.slow
+def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp_path):
+    machine.head("--num-cpus", "0")  # the head runs no trial: every trial runs on the worker
+    address = machine.address_file.read_text().strip()
+    python, env = bare_worker_env(machine)
+    machine.ray_start("--address", address, "--num-cpus", "2", python=python, env=env)
+    storage = tmp_path / "shared"
+    # the driver as a user on the head node types it, from a folder outside the repository
+    result = machine.search(["--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--space", space(tmp_path),
+                             "--storage", str(storage), "--results-dir", str(tmp_path / "results"), "--name", "c"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"Ray cluster: {address} (--address auto)")
+    assert "Attached to the Ray cluster" in result.stdout and "2 nodes, 2 CPUs" in result.stdout
+    trials = pd.read_csv(tmp_path / "results" / "c" / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"finished"}
+    assert len(list((storage / "c" / "attempt-1").glob("*/checkpoint_*/state.pt"))) == 2
+    assert "is a local path on this machine" in result.stderr  # --storage is a local path: the user is told

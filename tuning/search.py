@@ -297,6 +297,16 @@ def auth_token_available() -> bool:
     return os.path.isfile(path)
 
 
+def enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process, as ray.init does for `auto` (Ray's config is read at import: refresh it)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray version: the environment variable alone, read by a fresh config
+        os.environ["RAY_AUTH_MODE"] = "token"
+    else:
+        _enable_token_auth()
+
+
 def code_runtime_env() -> dict[str, Any]:
     """The packages a trial imports, uploaded by Ray to every node (which needs Ray, torch and the
     dependencies, but not this repository); results/ and data/ stay behind, being outside them."""
@@ -318,7 +328,7 @@ def start_ray(args: argparse.Namespace, address: str | None = None) -> bool:
         # Ray turns token authentication on by itself only for a cluster it finds; for HOST:PORT too,
         # use the token the head's `ray start` wrote (a client with a token also joins a cluster without).
         if "RAY_AUTH_MODE" not in os.environ and auth_token_available():
-            os.environ["RAY_AUTH_MODE"] = "token"
+            enable_token_auth()
         try:
             ray.init(address=address, runtime_env=code_runtime_env(), **kwargs)
         except (ConnectionError, RuntimeError) as exc:  # AuthenticationError is a RuntimeError
