@@ -67,6 +67,7 @@ def train_trial(
         if inject_fault:
             _inject_fault(inject_fault, metrics["epoch"], config)
         metrics["objective"] = objective_value(metrics, objective)
+        metrics["data_device"] = str(trainer.train_images.device)  # in Ray's result.json: where the data set lives
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
