@@ -7,6 +7,7 @@ process group: never `ray stop`, which would stop every Ray of the machine's use
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tuning.journal import Journal, trials
 from tuning.search import build_parser, main as search, storage_warning
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +56,7 @@ class RayMachine:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         return {**env, "RAY_TMPDIR": str(self.root), "HOME": str(self.home), "PYTHONPATH": str(REPO), **extra}
 
-    def ray_start(self, *argv: str, python: str | None = None, env: dict[str, str] | None = None) -> None:
+    def ray_start(self, *argv: str, python: str | None = None, env: dict[str, str] | None = None) -> int:
         """`ray start ...` in a new process group; the node's daemons stay in that group."""
         command = [python, "-c", "from ray.scripts.scripts import main; main()"] if python else [RAY]
         proc = subprocess.Popen(
@@ -66,6 +68,7 @@ class RayMachine:
         self.groups.append(proc.pid)
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, out
+        return proc.pid  # the node's process group
 
     def head(self, *argv: str) -> str:
         self.ray_start("--head", "--port", "0", *argv)
@@ -208,3 +211,41 @@ def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp
     assert len(trials) == 2 and set(trials["status"]) == {"finished"}
     assert len(list((storage / "c" / "attempt-1").glob("*/checkpoint_*/state.pt"))) == 2
     assert "is a local path on this machine" in result.stderr  # --storage is a local path: the user is told
+
+
+@pytest.mark.slow
+def test_a_lost_node_costs_no_trial_and_no_epoch(machine, tmp_path):
+    address = machine.head("--num-cpus", "0")
+    worker_env = machine.env(RAY_AUTH_MODE="token")
+    nodes = [machine.ray_start("--address", address, "--num-cpus", "1", env=worker_env) for _ in range(2)]
+    epochs, storage, exp = 40, tmp_path / "shared", tmp_path / "results" / "lost"
+    long_space = f"lr: {{low: 0.005, high: 0.02}}\nbatch_size: [32]\nepochs: {epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n"
+    log = open(tmp_path / "search.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, SEARCH, "--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--no-early-stop",
+         "--max-failures", "3", "--space", space(tmp_path, long_space), "--storage", str(storage),
+         "--results-dir", str(tmp_path / "results"), "--name", "lost"],
+        env=machine.env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    machine.groups.append(driver.pid)
+    # both trials training (one per worker node), each with a checkpoint: then the first worker node vanishes
+    deadline = time.time() + 400
+    while True:
+        assert driver.poll() is None and time.time() < deadline, (tmp_path / "search.log").read_text()
+        running = [t for t in trials(Journal(exp).read()) if not t.done and t.checkpoint] if exp.exists() else []
+        if len(running) == 2:
+            break
+        time.sleep(0.05)
+    checkpointed = {t.trial: t.checkpoint_epoch for t in trials(Journal(exp).read())}
+    os.killpg(nodes[0], signal.SIGKILL)  # a spot instance gone: raylet, object store and the trial's worker
+    assert driver.wait(timeout=600) == 0, (tmp_path / "search.log").read_text()
+    table = pd.read_csv(exp / "trials.csv")
+    assert len(table) == 2 and table["trial"].is_unique and set(table["status"]) == {"finished"}
+    reported = [(r["trial"], r["epoch"]) for r in Journal(exp).read() if r["event"] == "epoch"]
+    assert len(reported) == len(set(reported)) == 2 * epochs  # every epoch of both trials, none trained twice
+    # Tune records each failure of a trial in its folder: exactly one trial lost its node, once ...
+    failed = {path.parent.name.split("_")[2]: path.read_text() for path in storage.glob("lost/attempt-1/*/error.txt")}
+    assert len(failed) == 1 and "Failure # 2" not in next(iter(failed.values())), failed
+    victim = next(iter(failed))
+    # ... and, its epochs being reported once each, it continued from the checkpoint it had, not from epoch 1
+    assert checkpointed[victim] >= 1
