@@ -23,8 +23,9 @@ def test_four_trials_at_a_quarter_gpu_share_one_gpu_with_their_data_on_it(cli, t
     space.write_text("lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 3\noptimizer: [sgd]\n")
     status, _, err = cli(
         search,
-        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu", "--num-cpus", "2", "--num-gpus", "1",
-         "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5", "--samples", "4", "--no-baseline", "--no-early-stop", "--space", str(space)],
+        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu",
+         "--num-cpus", "2", "--num-gpus", "1", "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5",
+         "--samples", "4", "--no-baseline", "--no-early-stop", "--space", str(space)],
     )
     assert status == 0, err
     exp = tmp_path / "results" / "gpu"

@@ -67,13 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke-test", action="store_true", help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
     r = p.add_argument_group("resources")
     r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial; torch threads follow (default 1)")
-    r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial, at most 1: a trial trains on one device (default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
+    r.add_argument("--gpus-per-trial", type=float,
+                   help="GPU fraction per trial, at most 1: a trial trains on one device "
+                   "(default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
     r.add_argument("--max-concurrent", type=positive_int, help="at most this many trials at once (default: as resources allow)")
     r.add_argument("--max-failures", type=non_negative_int, default=2, help="retries of a trial that raises, from its last checkpoint (default 2)")
     r.add_argument("--num-cpus", type=positive_int, help="local cluster only: CPUs Ray may use (default: all it detects)")
     r.add_argument("--num-gpus", type=non_negative_int, help="local cluster only: GPUs Ray may use (default: all it detects)")
-    r.add_argument("--address", help="without it: a private local Ray, whatever else runs on this machine ($RAY_ADDRESS is ignored). "
-                   "auto: attach to the cluster $RAY_ADDRESS names, else the one `ray start` last started here; HOST:PORT: attach to that head node")
+    r.add_argument("--address", help="without it: a private local Ray, whatever else runs on this machine "
+                   "($RAY_ADDRESS is ignored). auto: attach to the cluster $RAY_ADDRESS names, else the one "
+                   "`ray start` last started here; HOST:PORT: attach to that head node")
     r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="cifar10 (default), synthetic, or an image folder with train/<class>/ and test/<class>/")
@@ -117,7 +120,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.gpus_per_trial is not None and args.gpus_per_trial > 1:
-        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: a trial trains on one device, so at most 1 (a fraction shares a GPU)")
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: a trial trains on one device, "
+                         "so at most 1 (a fraction shares a GPU)")
     if args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.reduction_factor <= 1:
@@ -298,7 +302,7 @@ def auth_token_available() -> bool:
 
 
 def enable_token_auth() -> None:
-    """RAY_AUTH_MODE=token for this process, as ray.init does for `auto` (Ray's config is read at import: refresh it)."""
+    """RAY_AUTH_MODE=token for this process, as ray.init does for `auto` (Ray read its config at import)."""
     try:
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
     except ImportError:  # another Ray version: the environment variable alone, read by a fresh config
@@ -334,7 +338,8 @@ def start_ray(args: argparse.Namespace, address: str | None = None) -> bool:
         except (ConnectionError, RuntimeError) as exc:  # AuthenticationError is a RuntimeError
             hint = ("if it uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy the head's "
                     "~/.ray/auth_token to this machine)")
-            raise UsageError(f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0]}; {hint}") from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"could not join the Ray cluster at {address}: {first}; {hint}") from None
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cluster = ray.cluster_resources()
         print(f"Attached to the Ray cluster at {address}: {len(nodes)} nodes, {cluster.get('CPU', 0):g} CPUs, "
@@ -349,7 +354,10 @@ def storage_warning(args: argparse.Namespace) -> str | None:
     """With a cluster, checkpoints in a folder of the driver's disk are lost to trials restarted elsewhere."""
     if not args.address or (args.storage and "://" in args.storage):
         return None
-    where = f"--storage {args.storage} is a local path" if args.storage else "without --storage, checkpoints go to results/<name>/ray"
+    if args.storage:
+        where = f"--storage {args.storage} is a local path"
+    else:
+        where = "without --storage, checkpoints go to results/<name>/ray"
     return (f"warning: {where} on this machine: a trial restarted on another node cannot read its checkpoint there "
             "unless every node mounts it at the same path; use a shared folder or an s3:// / gs:// URI")
 
