@@ -5,6 +5,20 @@ from collections.abc import Callable, Sequence
 import pytest
 
 
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest's hook
+    """Tests marked `gpu` run where CUDA is present and are skipped, saying why, everywhere else."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible to torch)")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def cli(capsys) -> Callable[..., tuple[int, str, str]]:  # noqa: ANN001
     """Run a `main(argv)` as a user would: returns (exit status, stdout, stderr)."""

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -52,7 +53,7 @@ FAULT_ENV = "HPTUNE_INJECT_FAULT"
 # "EPOCH:FREE:MARKER_DIR": after reporting EPOCH, every trial but the first FREE to get there
 # waits until MARKER_DIR/release exists (the search cannot end while one waits).
 HOLD_ENV = "HPTUNE_HOLD_TRIALS"
-TRIAL_METRICS = (*METRICS, "objective", "stalled")  # what a trial reports, and the journal keeps
+TRIAL_METRICS = (*METRICS, "objective", "stalled", "data_device")  # what a trial reports, and the journal keeps
 
 
 class SearchIncomplete(RuntimeError):
@@ -104,6 +105,7 @@ def train_trial(
         if inject_fault:
             _inject_fault(inject_fault, metrics["epoch"], config)
         metrics["objective"] = objective_value(metrics, objective)
+        metrics["data_device"] = str(trainer.train_images.device)  # where the data set lives (CPU or the GPU)
         metrics["stalled"] = stop_stalled and not params.get(BASELINE) and stalled(trainer.history, data.num_classes)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(trainer.state_dict(), os.path.join(folder, STATE_FILE))
@@ -164,8 +166,36 @@ def quiet_ray(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def start_ray(args: argparse.Namespace) -> bool:
-    """Start or attach to Ray; True if this call started it (and should shut it down)."""
+def auth_token_available() -> bool:
+    """A Ray token where Ray looks for one: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return os.path.isfile(path)
+
+
+def enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process, as ray.init does for `auto` (Ray read its config at import)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray version: the environment variable alone, read by a fresh config
+        os.environ["RAY_AUTH_MODE"] = "token"
+    else:
+        _enable_token_auth()
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """The packages a trial imports, uploaded by Ray to every node (which needs Ray, torch and the
+    dependencies, but not this repository); results/ and data/ stay behind, being outside them."""
+    import trainable
+    import tuning
+
+    return {"py_modules": [str(Path(m.__file__).parent) for m in (trainable, tuning)], "excludes": ["__pycache__"]}
+
+
+def start_ray(args: argparse.Namespace, address: str | None = None) -> bool:
+    """Start a private local Ray, or attach to the cluster at `address`; True if this call started
+    or joined it (and should shut it down)."""
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {
@@ -173,8 +203,22 @@ def start_ray(args: argparse.Namespace) -> bool:
         "log_to_driver": args.verbose,
         "logging_level": logging.INFO if args.verbose else logging.ERROR,
     }
-    if args.address:
-        ray.init(address=args.address, **kwargs)
+    if address:
+        # Ray turns token authentication on by itself only for a cluster it finds; for HOST:PORT too,
+        # use the token the head's `ray start` wrote (a client with a token also joins a cluster without).
+        if "RAY_AUTH_MODE" not in os.environ and auth_token_available():
+            enable_token_auth()
+        try:
+            ray.init(address=address, runtime_env=code_runtime_env(), **kwargs)
+        except (ConnectionError, RuntimeError) as exc:  # AuthenticationError is a RuntimeError
+            hint = ("if it uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy the head's "
+                    "~/.ray/auth_token to this machine)")
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"could not join the Ray cluster at {address}: {first}; {hint}") from None
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cluster = ray.cluster_resources()
+        print(f"Attached to the Ray cluster at {address}: {len(nodes)} nodes, {cluster.get('CPU', 0):g} CPUs, "
+              f"{cluster.get('GPU', 0):g} GPUs; trainable/ and tuning/ are shipped to them", flush=True)
     else:
         # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
         ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shlex
+import socket
 import sys
 import tempfile
 import time
@@ -70,12 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke-test", action="store_true", help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
     r = p.add_argument_group("resources")
     r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial; torch threads follow (default 1)")
-    r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
+    r.add_argument("--gpus-per-trial", type=float,
+                   help="GPU fraction per trial, at most 1: a trial trains on one device "
+                   "(default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
     r.add_argument("--max-concurrent", type=positive_int, help="at most this many trials at once (default: as resources allow)")
     r.add_argument("--max-failures", type=non_negative_int, default=2, help="retries of a trial that raises, from its last checkpoint (default 2)")
     r.add_argument("--num-cpus", type=positive_int, help="local cluster only: CPUs Ray may use (default: all it detects)")
     r.add_argument("--num-gpus", type=non_negative_int, help="local cluster only: GPUs Ray may use (default: all it detects)")
-    r.add_argument("--address", help="auto: attach to the running Ray cluster of this machine (the head node) instead of starting a local one")
+    r.add_argument("--address", help="without it: a private local Ray, whatever else runs on this machine "
+                   "($RAY_ADDRESS is ignored). auto: attach to the cluster $RAY_ADDRESS names, else the one "
+                   "`ray start` last started here; HOST:PORT: attach to that head node")
     r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
     d = p.add_argument_group("data")
     d.add_argument("--data", help=(
@@ -107,6 +112,7 @@ class Plan:
     space: Space
     base: TrainConfig
     claim: experiment_mod.Claim  # the lock on results/<name>, and what was there
+    address: str | None = None  # HOST:PORT of the Ray cluster to attach to; None: a private local Ray
 
     @property
     def folder(self) -> Path:
@@ -124,8 +130,9 @@ def command_line(argv: Sequence[str]) -> str:
 def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-    if args.gpus_per_trial is not None and args.gpus_per_trial > 1 and not float(args.gpus_per_trial).is_integer():
-        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: above 1 it must be a whole number of GPUs")
+    if args.gpus_per_trial is not None and args.gpus_per_trial > 1:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: a trial trains on one device, "
+                         "so at most 1 (a fraction shares a GPU)")
     if args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.reduction_factor <= 1:
@@ -140,6 +147,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         raise UsageError("--quiet and --verbose contradict each other; choose one")
     if args.tensorboard and not tboard.available():
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    address = cluster_address(args.address) if args.address else None  # before anything is written
     space = load_space(args.space) if args.space else default_space(args.smoke_test)
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}
@@ -196,7 +204,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
             "status": "running",
             "created": dt.datetime.now().isoformat(timespec="seconds"),
         }
-    return Plan(meta, space, base, claimed)
+    return Plan(meta, space, base, claimed, address)
 
 
 def resume_command(argv: Sequence[str], name: str) -> str:
@@ -212,6 +220,59 @@ def _check_writable(folder: Path) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"{folder}: the results directory is not writable ({exc.strerror or exc})") from None
+
+
+PROBE_SECONDS = 3.0  # a head node that does not accept a TCP connection in this time is not there
+
+
+def ray_address_file() -> Path:
+    """Where `ray start --head` records its address: Ray's temp dir ($RAY_TMPDIR, else $TMPDIR, else /tmp) + ray/."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(root) / "ray" / "ray_current_cluster"
+
+
+def cluster_address(flag: str) -> str:
+    """--address as HOST:PORT of a head node that answers; UsageError (one line) if there is none.
+
+    `auto` reads what Ray itself reads: $RAY_ADDRESS, else the address file of the last `ray start`.
+    A short TCP connect to the head's GCS port tells a dead cluster in seconds, instead of the
+    minutes of retries ray.init would spend on it. No Ray is imported for this.
+    """
+    address, source = flag, ""
+    if flag == "auto":
+        if os.environ.get("RAY_ADDRESS") not in (None, "", "auto"):
+            address, source = os.environ["RAY_ADDRESS"], " (from $RAY_ADDRESS)"
+        else:
+            path = ray_address_file()
+            try:
+                address, source = path.read_text().strip(), f" (from {path})"
+            except OSError:
+                raise UsageError(f"--address auto: no Ray cluster was started on this machine ({path} does not exist); "
+                                 "start one with `ray start --head`, or give --address HOST:PORT") from None
+    if "://" in address:
+        raise UsageError(f"--address {flag}: {address}{source} is a Ray Client address; give the head node's HOST:PORT")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {flag}: expected auto or HOST:PORT, got {address!r}{source}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UsageError(f"--address {flag}: no Ray cluster answers at {address}{source} ({reason}); "
+                         "start it with `ray start --head` or correct the address") from None
+    return address
+
+
+def storage_warning(args: argparse.Namespace) -> str | None:
+    """With a cluster, checkpoints in a folder of the driver's disk are lost to trials restarted elsewhere."""
+    if not args.address or (args.storage and "://" in args.storage):
+        return None
+    if args.storage:
+        where = f"--storage {args.storage} is a local path"
+    else:
+        where = "without --storage, checkpoints go to results/<name>/ray"
+    return (f"warning: {where} on this machine: a trial restarted on another node cannot read its checkpoint there "
+            "unless every node mounts it at the same path; use a shared folder or an s3:// / gs:// URI")
 
 
 def baseline_params(space: Space) -> dict[str, Any]:
@@ -297,12 +358,18 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
     meta = plan.meta
     experiment = Experiment(plan.folder, meta)
     started_ray = False
+    if plan.address:  # the first line names the cluster, wherever its address came from
+        via = " via $RAY_ADDRESS" if args.address == "auto" and os.environ.get("RAY_ADDRESS") else ""
+        print(f"Ray cluster: {plan.address} (--address {args.address}{via})", flush=True)
     try:
         data = load_dataset(plan.base.data, plan.base.data_root, cache_dir=args.cache_dir)
         if not args.quiet:
             print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.folder}", flush=True)
         ray_run.quiet_ray(args.verbose)
-        started_ray = ray_run.start_ray(args)
+        started_ray = ray_run.start_ray(args, plan.address)
+        warning = storage_warning(args)
+        if warning:
+            print(f"{PROG}: {warning}", file=sys.stderr, flush=True)
         res = ray_run.resources(args)
         experiment = experiment_mod.create(plan.claim, meta)
         attempt_started = time.time()

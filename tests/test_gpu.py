@@ -1,0 +1,43 @@
+"""The GPU paths, on a real CUDA device: skipped (by the conftest hook) where torch sees none.
+
+Not yet run on GPU hardware: the development machine has no GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainable.fit import autocast_dtype
+from tuning.journal import Journal
+from tuning.search import main as search
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.slow
+def test_four_trials_at_a_quarter_gpu_share_one_gpu_with_their_data_on_it(cli, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 3\noptimizer: [sgd]\n")
+    status, _, err = cli(
+        search,
+        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu",
+         "--num-cpus", "2", "--num-gpus", "1", "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5",
+         "--samples", "4", "--no-baseline", "--no-early-stop", "--space", str(space)],
+    )
+    assert status == 0, err
+    exp = tmp_path / "results" / "gpu"
+    records = Journal(exp).read()
+    starts = {r["trial"]: r["time"] for r in records if r["event"] == "trial"}
+    ends = {r["trial"]: r["time"] for r in records if r["event"] == "end"}
+    assert len(starts) == len(ends) == 4
+    assert max(starts.values()) < min(ends.values())  # all four trained at once on the one GPU
+    devices = {r["data_device"] for r in records if r["event"] == "epoch"}
+    assert devices and all(d.startswith("cuda") for d in devices), devices  # every epoch had its data on the GPU
+
+
+def test_precision_auto_picks_bf16_only_where_the_gpu_has_it_natively():
+    # bf16 tensor cores arrived with compute capability 8.0 (Ampere); before it bf16 is emulated and slower
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert autocast_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp32", torch.device("cuda")) is None

@@ -1,0 +1,251 @@
+"""What Ray already holds on the machine never changes the default search; --address attaches, or says why not.
+
+Every Ray started here is a real `ray start` (token authentication on, as Ray 2.60 starts it when a
+token exists) with its own temp dir and home, stopped by the fixture that started it by killing its
+process group: never `ray stop`, which would stop every Ray of the machine's user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tuning.journal import Journal, trials
+from tuning.search import build_parser, main as search, storage_warning
+
+REPO = Path(__file__).resolve().parent.parent
+SEARCH = str(REPO / "tuning" / "search.py")
+RAY = str(Path(sys.executable).parent / "ray")
+FAST_SPACE = "lr: {low: 0.005, high: 0.02}\nbatch_size: [128]\nepochs: 2\noptimizer: [nesterov]\nmomentum: 0.9\n"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayMachine:
+    """A Ray temp dir and home of its own (short: Ray's socket paths must stay under 108 characters)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="rayst-", dir="/tmp"))
+        self.home = self.root / "home"
+        (self.home / ".ray").mkdir(parents=True)
+        (self.home / ".ray" / "auth_token").write_text(os.urandom(16).hex())  # so `ray start` turns on token auth
+        self.groups: list[int] = []
+
+    @property
+    def address_file(self) -> Path:
+        return self.root / "ray" / "ray_current_cluster"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return {**env, "RAY_TMPDIR": str(self.root), "HOME": str(self.home), "PYTHONPATH": str(REPO), **extra}
+
+    def ray_start(self, *argv: str, python: str | None = None, env: dict[str, str] | None = None) -> int:
+        """`ray start ...` in a new process group; the node's daemons stay in that group."""
+        command = [python, "-c", "from ray.scripts.scripts import main; main()"] if python else [RAY]
+        proc = subprocess.Popen(
+            [*command, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
+             *(["--include-dashboard", "false"] if "--head" in argv else []), *argv],
+            env=env or self.env(), cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+        self.groups.append(proc.pid)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+        return proc.pid  # the node's process group
+
+    def head(self, *argv: str) -> str:
+        self.ray_start("--head", "--port", "0", *argv)
+        return self.address_file.read_text().strip()
+
+    def search(self, argv: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, SEARCH, *argv], env=self.env(**env), cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def kill(self, group: int) -> None:
+        """SIGTERM the process group, SIGKILL what is left once Ray had its time to exit."""
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.time() + wait
+            while time.time() < deadline:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for group in self.groups:
+            self.kill(group)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def machine() -> Iterator[RayMachine]:
+    m = RayMachine()
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def space(tmp_path: Path, text: str = FAST_SPACE) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# --- the default search: a private local Ray ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stale_address_file_and_ray_address_do_not_change_the_default_search(machine, tmp_path):
+    # what a killed `ray start --head` leaves behind, and a stale RAY_ADDRESS in the shell
+    dead = f"127.0.0.1:{closed_port()}"
+    machine.address_file.parent.mkdir(parents=True)
+    machine.address_file.write_text(dead)
+    result = machine.search(["--smoke-test", "--num-cpus", "2", "--results-dir", str(tmp_path / "results"), "--name", "smoke"],
+                            cwd=tmp_path, RAY_ADDRESS=dead)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(pd.read_csv(tmp_path / "results" / "smoke" / "trials.csv")) == 3
+    assert "Failed to connect" not in result.stderr and "num_cpus and num_gpus must not be provided" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_running_cluster_is_not_joined_by_the_default_search(machine, tmp_path):
+    address = machine.head("--num-cpus", "1")
+    # --num-cpus is refused by Ray when joining a cluster, and the head has 1 CPU, not 2
+    result = machine.search(["--data", "synthetic", "--num-cpus", "2", "--samples", "2", "--no-baseline", "--space", space(tmp_path),
+                             "--results-dir", str(tmp_path / "results"), "--name", "own"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "of 2 CPUs" in result.stdout and "Ray cluster:" not in result.stdout
+    host, port = address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=5).close()  # the cluster is still there
+
+
+# --- --address: attach, or one line and exit 2 ----------------------------------------------
+
+
+def test_a_dead_address_is_one_line_exit_2_and_nothing_written(cli, tmp_path):
+    results = tmp_path / "results"
+    started = time.time()
+    status, out, err = cli(search, ["--smoke-test", "--address", f"127.0.0.1:{closed_port()}", "--results-dir", str(results), "--name", "x"])
+    assert status == 2, (out, err)
+    assert "no Ray cluster answers at 127.0.0.1:" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not results.exists()  # no experiment folder, no lock file
+    assert time.time() - started < 60  # seconds, not Ray's minutes of retries (a generous bound for a slow box)
+
+
+def test_auto_with_a_stale_address_file_or_none_is_one_line_exit_2(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    results = tmp_path / "results"
+    status, _, err = cli(search, ["--smoke-test", "--address", "auto", "--results-dir", str(results)])
+    assert status == 2 and "--address auto: no Ray cluster was started on this machine" in err
+    (tmp_path / "raytmp" / "ray").mkdir(parents=True)
+    (tmp_path / "raytmp" / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed_port()}")
+    status, _, err = cli(search, ["--smoke-test", "--address", "auto", "--results-dir", str(results)])
+    assert status == 2 and "no Ray cluster answers" in err and "ray_current_cluster" in err
+    assert len(err.strip().splitlines()) == 1 and not results.exists()
+
+
+def test_a_cluster_without_shared_storage_is_warned_about():
+    def warning(*argv: str) -> str | None:
+        return storage_warning(build_parser().parse_args(list(argv)))
+
+    assert warning() is None  # a local Ray: one disk
+    assert "without --storage" in warning("--address", "auto") and "cannot read its checkpoint" in warning("--address", "auto")
+    assert "--storage /data/ckpt is a local path" in warning("--address", "auto", "--storage", "/data/ckpt")
+    assert warning("--address", "auto", "--storage", "s3://bucket/hptune") is None
+
+
+# --- a real cluster on one machine ----------------------------------------------------------
+
+
+def bare_worker_env(machine: RayMachine) -> tuple[str, dict[str, str]]:
+    """A Python with Ray, torch and the dependencies, but not this project: the base interpreter
+    with the venv's site-packages on PYTHONPATH, whose .pth files (the editable install) it never runs."""
+    import sysconfig
+
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    env = machine.env(PYTHONPATH=sysconfig.get_paths()["purelib"], RAY_AUTH_MODE="token")  # a worker joins with the head's token
+    probe = subprocess.run([str(base), "-c", "import ray, torch, optuna\ntry:\n import trainable\nexcept ImportError: print('no')"],
+                           env=env, cwd=machine.root, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "no", probe.stdout + probe.stderr  # it has Ray and torch; the project it cannot import
+    return str(base), env
+
+
+@pytest.mark.slow
+def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp_path):
+    machine.head("--num-cpus", "0")  # the head runs no trial: every trial runs on the worker
+    address = machine.address_file.read_text().strip()
+    python, env = bare_worker_env(machine)
+    machine.ray_start("--address", address, "--num-cpus", "2", python=python, env=env)
+    storage = tmp_path / "shared"
+    # the driver as a user on the head node types it, from a folder outside the repository
+    result = machine.search(["--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--space", space(tmp_path),
+                             "--storage", str(storage), "--results-dir", str(tmp_path / "results"), "--name", "c"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"Ray cluster: {address} (--address auto)")
+    assert "Attached to the Ray cluster" in result.stdout and "2 nodes, 2 CPUs" in result.stdout
+    trials = pd.read_csv(tmp_path / "results" / "c" / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"finished"}
+    assert len(list((storage / "c" / "attempt-1").glob("*/checkpoint_*/state.pt"))) == 2
+    assert "is a local path on this machine" in result.stderr  # --storage is a local path: the user is told
+
+
+@pytest.mark.slow
+def test_a_lost_node_costs_no_trial_and_no_epoch(machine, tmp_path):
+    address = machine.head("--num-cpus", "0")
+    worker_env = machine.env(RAY_AUTH_MODE="token")
+    nodes = [machine.ray_start("--address", address, "--num-cpus", "1", env=worker_env) for _ in range(2)]
+    epochs, storage, exp = 40, tmp_path / "shared", tmp_path / "results" / "lost"
+    long_space = f"lr: {{low: 0.005, high: 0.02}}\nbatch_size: [32]\nepochs: {epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n"
+    log = open(tmp_path / "search.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, SEARCH, "--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--no-early-stop",
+         "--max-failures", "3", "--space", space(tmp_path, long_space), "--storage", str(storage),
+         "--results-dir", str(tmp_path / "results"), "--name", "lost"],
+        env=machine.env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    machine.groups.append(driver.pid)
+    # both trials training (one per worker node), each with a checkpoint: then the first worker node vanishes
+    deadline = time.time() + 400
+    while True:
+        assert driver.poll() is None and time.time() < deadline, (tmp_path / "search.log").read_text()
+        running = [t for t in trials(Journal(exp).read()) if not t.done and t.checkpoint] if exp.exists() else []
+        if len(running) == 2:
+            break
+        time.sleep(0.05)
+    checkpointed = {t.trial: t.checkpoint_epoch for t in trials(Journal(exp).read())}
+    os.killpg(nodes[0], signal.SIGKILL)  # a spot instance gone: raylet, object store and the trial's worker
+    assert driver.wait(timeout=600) == 0, (tmp_path / "search.log").read_text()
+    table = pd.read_csv(exp / "trials.csv")
+    assert len(table) == 2 and table["trial"].is_unique and set(table["status"]) == {"finished"}
+    reported = [(r["trial"], r["epoch"]) for r in Journal(exp).read() if r["event"] == "epoch"]
+    assert len(reported) == len(set(reported)) == 2 * epochs  # every epoch of both trials, none trained twice
+    # Tune records each failure of a trial in its folder: exactly one trial lost its node, once ...
+    failed = {path.parent.name.split("_")[2]: path.read_text() for path in storage.glob("lost/attempt-1/*/error.txt")}
+    assert len(failed) == 1 and "Failure # 2" not in next(iter(failed.values())), failed
+    victim = next(iter(failed))
+    # ... and, its epochs being reported once each, it continued from the checkpoint it had, not from epoch 1
+    assert checkpointed[victim] >= 1
