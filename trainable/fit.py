@@ -120,8 +120,11 @@ def _on_every_omp_thread(action: Callable[[], object]) -> None:
     parallel(callback, None, threads, 0)
 
 
-def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    # foreach: one kernel per step for all parameters (torch picks it only on CUDA by default)
+def make_optimizer(config: TrainConfig, params: Any, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """SGD, Nesterov, Adam or AdamW as `config` says, with torch's fused kernels on the CPU and CUDA:
+    one pass over each parameter per step instead of one per operation. At batch 64 the update
+    costs as much as the matrix multiplies, so this is 1.2-1.7x per step (`trainable.bench`)."""
+    kernels = {"fused": True} if device is None or device.type in ("cpu", "cuda") else {"foreach": True}
     if config.optimizer in ("sgd", "nesterov"):
         return torch.optim.SGD(
             params,
@@ -129,10 +132,10 @@ def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
             momentum=config.momentum,
             nesterov=config.optimizer == "nesterov",
             weight_decay=config.weight_decay,
-            foreach=True,
+            **kernels,
         )
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, **kernels)
 
 
 def epoch_lr(config: TrainConfig, epoch: int) -> float:
@@ -198,7 +201,7 @@ class Trainer:
         self.classes = data.num_classes
         torch.manual_seed(config.seed)
         self.model = build_model(data.input_shape, data.num_classes, config.hidden).to(self.device)
-        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.optimizer = make_optimizer(config, self.model.parameters(), self.device)
         # On a GPU the whole data set moves there once (CIFAR-10: 184 MB as uint8).
         self.train_images = _to_device(data.train_images, self.device)
         self.train_labels = _to_device(data.train_labels, self.device)
