@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from trainable import challenge
-from trainable.cli import OneLineParser, dumps, fail, positive_int
+from trainable.cli import OneLineParser, add_data_args, data_overrides, dumps, fail, positive_int
 from trainable.config import OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
 from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
 from trainable.data import DataError, Dataset, load_dataset
@@ -43,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, help="weight init and shuffling (default 42)")
     h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH", help="hidden layer widths (default 512 512)")
     r = p.add_argument_group("data and hardware")
-    r.add_argument("--data", help=(
-        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
-        "or an image folder with train/<class>/ and test/<class>/"
-    ))
-    r.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
-    r.add_argument("--cache-dir", help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    add_data_args(r)
     r.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 where the hardware runs it fast, else fp32")
     r.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     r.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
@@ -64,9 +59,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.tutorial and overrides:
         flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
         raise ConfigError(f"--tutorial runs the tutorial's hyperparameters exactly; drop {flags}")
-    for key in ("data", "data_root", "precision"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
+    overrides.update(data_overrides(args))
+    if args.precision is not None:
+        overrides["precision"] = args.precision
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     return base.with_updates(**overrides)  # data paths as given: relative ones stay relative
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainable.cli import OneLineParser, fail, positive_int
+from trainable.cli import OneLineParser, add_data_args, fail, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer, autocast_dtype, fast_bf16, fit, flush_denormals
@@ -201,14 +201,7 @@ def precision_check(data: Dataset) -> list[tuple[str, list[dict]]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Time one training epoch: the tutorial's pipeline against ours.")
-    p.add_argument("--data", default="cifar10", help=(
-        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
-        "or an image folder with train/<class>/ and test/<class>/"
-    ))
-    p.add_argument(
-        "--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)"
-    )
-    p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune)")
+    add_data_args(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per contender; the median is reported (default 3)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
@@ -222,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        data = load_dataset(args.data, args.data_root, cache_dir=args.cache_dir)
+        data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
     except DataError as exc:
         return fail(PROG, str(exc))
     bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"

@@ -48,6 +48,31 @@ positive_int = int_at_least(1, "positive_int")
 non_negative_int = int_at_least(0, "non_negative_int")
 
 
+DATA_HELP = ("cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
+             "or an image folder with train/<class>/ and test/<class>/")
+
+
+def add_data_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--data, --data-root and --cache-dir, declared alike by every command."""
+    parser.add_argument("--data", help=DATA_HELP)
+    parser.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
+    parser.add_argument("--cache-dir", help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
+
+
+def data_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The configuration fields the data flags set (only those given)."""
+    return {k: getattr(args, k) for k in ("data", "data_root") if getattr(args, k, None) is not None}
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """The data flags as given, to pass on to another command."""
+    flags: list[str] = []
+    for key in ("data", "data_root", "cache_dir"):
+        if getattr(args, key, None) is not None:
+            flags += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    return flags
+
+
 def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     """Strict-JSON copy of a metrics dict: NaN and infinities become null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainable.cli import OneLineParser, fail
+from trainable.cli import OneLineParser, add_data_args, fail
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer, autocast_dtype
@@ -81,14 +81,7 @@ def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description="The tutorial's train/test loss puzzle, measured.")
-    p.add_argument("--data", default="cifar10", help=(
-        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
-        "or an image folder with train/<class>/ and test/<class>/"
-    ))
-    p.add_argument(
-        "--data-root", default="data", help="where torchvision's data sets are found or downloaded (default ./data)"
-    )
-    p.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    add_data_args(p)
     p.add_argument("--config", metavar="YAML", help="also explain this configuration (e.g. a search's best_config.yaml)")
     p.add_argument(
         "--precision",
@@ -100,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         other = TrainConfig.load(args.config) if args.config else None
         if other is not None and args.precision:
             other = other.with_updates(precision=args.precision)
-        data = load_dataset(args.data, args.data_root, cache_dir=args.cache_dir)
+        data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
     except (ConfigError, DataError) as exc:
         return fail(PROG, str(exc))
     tutorial = TrainConfig(precision=args.precision or "fp32")

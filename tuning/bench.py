@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainable.cli import OneLineParser, positive_int
+from trainable.cli import OneLineParser, add_data_args, data_flags, positive_int
 from tuning.journal import Journal, trials
 from tuning.search import main as search
 
@@ -29,11 +29,7 @@ PROG = "python -m tuning.bench"
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Fraction of the machine's time a search spends in train/evaluate.")
-    p.add_argument("--data", default="cifar10", help=(
-        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
-        "or an image folder with train/<class>/ and test/<class>/"
-    ))
-    p.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
+    add_data_args(p)
     p.add_argument("--samples", type=positive_int, default=12)
     p.add_argument("--epochs", type=positive_int, default=8, help="epochs per trial (default 8)")
     p.add_argument("--batch-size", type=positive_int, default=256)
@@ -48,10 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         space = Path(folder) / "space.yaml"
         # Fixed work per trial, so every run of the bench measures the same thing.
         space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\nepochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
-        argv_search = ["--data", args.data, "--results-dir", folder, "--name", "bench", "--samples", str(args.samples), "--space", str(space),
+        argv_search = [*data_flags(args), "--results-dir", folder, "--name", "bench", "--samples", str(args.samples), "--space", str(space),
                        "--no-baseline", "--no-early-stop", "--cpus-per-trial", str(args.cpus_per_trial)]
-        if args.data_root:
-            argv_search += ["--data-root", args.data_root]
         if args.num_cpus:
             argv_search += ["--num-cpus", str(args.num_cpus)]
         import os

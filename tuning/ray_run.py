@@ -42,7 +42,7 @@ from tuning.journal import TrialRecord
 from tuning.objective import objective_value, stalled
 from tuning.searcher import BASELINE, CONTINUES, ASHAKeepingBaseline, StudySearcher
 from tuning.space import Space
-from tuning.study import make_sampler, open_study, release_stale_trials
+from tuning.study import make_sampler, open_study, release_stale_trials, warm_start
 
 STATE_FILE = "state.pt"
 # Read by the search driver (not the workers) and handed to every trial: tests use it to make
@@ -264,6 +264,11 @@ def run_trials(
     sampler = make_sampler(args.sampler, args.seed if attempt == 1 else args.seed * 1000 + attempt)
     study = open_study(experiment.folder, meta["name"], "maximize" if meta["mode"] == "max" else "minimize", sampler)
     release_stale_trials(study)
+    if attempt == 1 and getattr(args, "warm_start", None):
+        added, skipped = warm_start(study, space, Experiment.load(args.warm_start), meta["objective"])
+        if not args.quiet:
+            note = f"; {skipped} outside this space skipped" if skipped else ""
+            print(f"Warm start: {added} trials of {args.warm_start} given to the sampler{note}", flush=True)
     searcher = StudySearcher(study, space, fixed, base=base.to_dict(), metric="objective", mode=meta["mode"],
                              first_number=len(experiment.trials) + 1)
     max_epochs = max([int(space.high("epochs", base.epochs)), *(c.get("epochs", base.epochs) for c in fixed)])

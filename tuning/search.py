@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as `python tuning/search.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainable import challenge
-from trainable.cli import OneLineParser, UsageError, fail, non_negative_int, positive_int
+from trainable.cli import OneLineParser, UsageError, add_data_args, data_overrides, fail, non_negative_int, positive_int
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what ASHA and Optuna steer by (default test_accuracy); the challenge is a constraint, and the "
                         "winner is the best trial that meets it")
     s.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
+    s.add_argument("--warm-start", metavar="EXPERIMENT",
+                   help="give the new study the finished trials of an earlier experiment folder (results/<name>), "
+                        "so the sampler starts from what that search learned; trials outside this space are skipped")
     s.add_argument("--no-baseline", action="store_true", help="do not run the tutorial's configuration as the first trial")
     s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
     s.add_argument("--grace-period", type=positive_int, default=3, help="ASHA: epochs every trial gets before it can be stopped (default 3)")
@@ -83,12 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "`ray start` last started here; HOST:PORT: attach to that head node")
     r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", help=(
-        "cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
-        "or an image folder with train/<class>/ and test/<class>/"
-    ))
-    d.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
-    d.add_argument("--cache-dir", help="image-folder cache (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    add_data_args(d)
     d.add_argument("--precision", choices=PRECISIONS, help="auto (default), fp32 or bf16")
     o = p.add_argument_group("output")
     o.add_argument("--results-dir", default="results", help="where experiment folders go (default results/)")
@@ -149,8 +147,10 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     address = cluster_address(args.address) if args.address else None  # before anything is written
     space = load_space(args.space) if args.space else default_space(args.smoke_test)
+    if args.warm_start:
+        Experiment.load(args.warm_start)  # an ExperimentError (exit 2) if it is not one
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
-    overrides = {k: getattr(args, k) for k in ("data", "data_root", "precision") if getattr(args, k) is not None}
+    overrides = {**data_overrides(args), **({"precision": args.precision} if args.precision else {})}
     if args.smoke_test:
         overrides.setdefault("data", "synthetic")
         overrides["epochs"] = 2  # the baseline too
@@ -175,6 +175,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         "challenge_window": args.challenge_window,
         "baseline": not args.no_baseline,
         "early_stop": not args.no_early_stop,
+        "warm_start": args.warm_start,
     }
     results = Path(args.results_dir).expanduser().resolve()
     _check_writable(results)

@@ -25,6 +25,7 @@ from ray.tune.search import Searcher
 
 from tuning.objective import WORST, constraints
 from tuning.space import Space
+from tuning.study import add_finished
 
 CONTINUES = "__continues__"  # config key: id of the interrupted trial this one continues
 BASELINE = "__baseline__"  # config key: this is the tutorial's configuration
@@ -33,34 +34,6 @@ BASELINE = "__baseline__"  # config key: this is the tutorial's configuration
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's config without our tags: what the training configuration takes."""
     return {k: v for k, v in config.items() if not k.startswith("__")}
-
-
-def add_finished(
-    study: optuna.Study,
-    space: Space,
-    config: dict[str, Any],
-    history: list[dict[str, Any]],
-    *,
-    state: TrialState = TrialState.COMPLETE,
-    attrs: dict[str, Any] | None = None,
-) -> list[str]:
-    """Add a trial that did not come from the sampler (the baseline, an earlier experiment's
-    trial) with its per-epoch objective; returns the parameters the space could not hold."""
-    params, distributions, skipped = space.optuna_point(config)
-    last = history[-1] if history else {}
-    user_attrs = {**(attrs or {}), **({"outside_space": {k: config[k] for k in skipped}} if skipped else {})}
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=state,
-            value=last.get("objective") if state == TrialState.COMPLETE else None,
-            params=params,
-            distributions=distributions,
-            intermediate_values={int(m["epoch"]): float(m["objective"]) for m in history if m.get("objective") is not None},
-            constraints=constraints(last),
-            user_attrs=user_attrs,
-        )
-    )
-    return skipped
 
 
 class StudySearcher(Searcher):

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+from tuning.experiment import Experiment
+from tuning.journal import EARLY_STOPPED, FINISHED, STALLED
+from tuning.objective import constraints, objective_value
+from tuning.space import Space
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 STUDY_FILE = "optuna.db"
@@ -46,3 +52,50 @@ def release_stale_trials(study: optuna.Study) -> int:
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL)
     return len(stale)
+
+
+def add_finished(
+    study: optuna.Study,
+    space: Space,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    *,
+    state: TrialState = TrialState.COMPLETE,
+    attrs: dict[str, Any] | None = None,
+) -> list[str]:
+    """Add a trial that did not come from the sampler (the baseline, an earlier experiment's
+    trial) with its per-epoch objective; returns the parameters the space could not hold."""
+    params, distributions, skipped = space.optuna_point(config)
+    last = history[-1] if history else {}
+    user_attrs = {**(attrs or {}), **({"outside_space": {k: config[k] for k in skipped}} if skipped else {})}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=state,
+            value=last.get("objective") if state == TrialState.COMPLETE else None,
+            params=params,
+            distributions=distributions,
+            intermediate_values={int(m["epoch"]): float(m["objective"]) for m in history if m.get("objective") is not None},
+            constraints=constraints(last),
+            user_attrs=user_attrs,
+        )
+    )
+    return skipped
+
+
+def warm_start(study: optuna.Study, space: Space, earlier: Experiment, objective: str) -> tuple[int, int]:
+    """Give `study` the finished, early-stopped and stalled trials of an earlier experiment, with
+    their per-epoch `objective`, so the sampler starts from what that search learned. A trial
+    with a parameter this space cannot hold is skipped. Returns (added, skipped)."""
+    added = skipped = 0
+    for t in earlier.trials:
+        if t.status not in (FINISHED, EARLY_STOPPED, STALLED) or not t.epochs:
+            continue
+        _, _, outside = space.optuna_point(t.config)
+        if outside:
+            skipped += 1
+            continue
+        history = [{**m, "objective": objective_value(m, objective)} for m in t.epochs]
+        state = TrialState.COMPLETE if t.status == FINISHED else TrialState.PRUNED
+        add_finished(study, space, t.config, history, state=state, attrs={"warm_start": f"{earlier.name} trial {t.number}"})
+        added += 1
+    return added, skipped

@@ -1,0 +1,75 @@
+"""Warm start and tuning.compare, end to end: a real local Ray, real SQLite-backed Optuna studies."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+
+from tuning.compare import main as compare
+from tuning.search import main as search
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+optimizer: [sgd, adam]
+lr:
+  - {when: {optimizer: sgd}, low: 1.0e-3, high: 3.0e-2, log: true}
+  - {when: {optimizer: adam}, low: 1.0e-4, high: 3.0e-3, log: true}
+momentum: {when: {optimizer: sgd}, low: 0.8, high: 0.95}
+batch_size: [256]
+epochs: 2
+"""
+
+
+def run(cli, tmp_path, name, *extra):
+    return cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", name,
+                        "--num-cpus", "2", "--no-baseline", *extra])
+
+
+def test_warm_start_gives_the_new_study_the_earlier_trials(cli, tmp_path):
+    (tmp_path / "wide.yaml").write_text(SPACE)
+    status, _, err = run(cli, tmp_path, "first", "--samples", "4", "--space", str(tmp_path / "wide.yaml"))
+    assert status == 0, err
+    first = pd.read_csv(tmp_path / "results" / "first" / "trials.csv")
+    # a narrower space: the earlier trials whose learning rate it cannot hold are skipped
+    narrow = SPACE.replace("low: 1.0e-3, high: 3.0e-2", "low: 1.0e-2, high: 3.0e-2")
+    (tmp_path / "narrow.yaml").write_text(narrow)
+    inside = sum((first["optimizer"] == "adam") | (first["lr"] >= 1e-2))
+    status, out, err = run(cli, tmp_path, "second", "--samples", "2", "--space", str(tmp_path / "narrow.yaml"),
+                           "--warm-start", str(tmp_path / "results" / "first"))
+    assert status == 0, err
+    assert f"Warm start: {inside} trials of" in out
+    if inside < 4:
+        assert f"{4 - inside} outside this space skipped" in out
+    study = optuna.load_study(study_name="second", storage=f"sqlite:///{tmp_path / 'results' / 'second' / 'optuna.db'}")
+    warm = [t for t in study.trials if "warm_start" in t.user_attrs]
+    assert len(warm) == inside and len(study.trials) == inside + 2  # the earlier ones, then its own 2
+    assert all(t.intermediate_values for t in warm)
+    # the experiment itself holds only its own trials
+    assert len(pd.read_csv(tmp_path / "results" / "second" / "trials.csv")) == 2
+
+
+def test_warm_start_from_a_folder_that_is_not_an_experiment_is_one_line_exit_2(cli, tmp_path):
+    status, _, err = run(cli, tmp_path, "x", "--warm-start", str(tmp_path / "nope"))
+    assert status == 2 and "no such experiment folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results" / "x").exists()
+
+
+def test_compare_runs_each_strategy_and_writes_the_table_and_figure(cli, tmp_path):
+    out = tmp_path / "compare"
+    status, stdout, err = cli(compare, ["--data", "synthetic", "--samples", "3", "--seeds", "0", "--num-cpus", "2",
+                                        "--strategies", "ours", "ray-tutorial", "--out", str(out)])
+    assert status == 0, err
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["strategy"].tolist() == ["ours", "ray-tutorial"] and (runs["trial_epochs"] > 0).all()
+    # the Ray tutorial's recipe really ran: SGD with momentum 0.9, its batch sizes, up to 10 epochs
+    recipe = pd.read_csv(out / "runs" / "ray-tutorial-seed0" / "trials.csv")
+    assert set(recipe["optimizer"]) == {"sgd"} and set(recipe["momentum"]) == {0.9}
+    assert set(recipe["batch_size"]) <= {32, 64, 128, 256} and (recipe["epochs_run"] <= 10).all()
+    assert "| ours |" in (out / "summary.md").read_text() and "| ray-tutorial |" in stdout
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+    # a second call reuses the finished runs instead of searching again
+    status, stdout, _ = cli(compare, ["--data", "synthetic", "--samples", "3", "--seeds", "0", "--num-cpus", "2",
+                                      "--strategies", "ours", "--out", str(out)])
+    assert status == 0 and "ours, seed 0 ..." not in stdout

@@ -1,0 +1,209 @@
+"""python -m tuning.compare: search strategies side by side, on the same data, budget and trainer.
+
+Every strategy is a real `tuning/search.py` run (same data, same number of samples, several
+sampler seeds, our fast trainer), so only the strategy differs:
+
+    ours           the default: TPE over the define-by-run space, ASHA, stalled trials stopped
+    ray-tutorial   PyTorch's "Hyperparameter tuning with Ray Tune" recipe applied to this MLP:
+                   random search, SGD with momentum 0.9, lr log-uniform 1e-4..1e-1, batch
+                   {32, 64, 128, 256}, 10 epochs, ASHA (max_t 10, grace 1, reduction 2) on test loss
+    optuna-tpe     Optuna's default as users run it without a scheduler: TPE over our space, every
+                   trial to its end
+    random-asha    random search over our space, with our early stopping
+
+Per run it reads the experiment's journal: the trial-epochs and wall seconds until some epoch
+first reached 50% and 55% test accuracy, the best final accuracy (tuning.experiment.rank) and
+the trials meeting the challenge. Writes <out>/runs.csv, <out>/summary.csv, <out>/summary.md
+(medians over seeds) and <out>/compare.png (best test accuracy so far against trial-epochs and
+against wall time, the median over seeds per strategy).
+
+    python -m tuning.compare --data data/cifar10-jpeg --samples 20 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd
+
+from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
+from trainable.fileio import atomic_write_text
+from tuning.experiment import Experiment, met
+
+PROG = "python -m tuning.compare"
+THRESHOLDS = (0.50, 0.55)
+RAY_TUTORIAL_SPACE = """\
+lr: {low: 1.0e-4, high: 1.0e-1, log: true}
+batch_size: [32, 64, 128, 256]
+epochs: 10
+optimizer: sgd
+momentum: 0.9
+"""
+# strategy -> extra flags of tuning/search.py (every run also gets --no-baseline, --quiet, ...)
+STRATEGIES: dict[str, list[str]] = {
+    "ours": [],
+    "ray-tutorial": ["--space", "{ray_tutorial_space}", "--sampler", "random", "--objective", "test_loss",
+                     "--grace-period", "1", "--reduction-factor", "2"],
+    "optuna-tpe": ["--no-early-stop"],
+    "random-asha": ["--sampler", "random"],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Search strategies side by side on the same data and budget.")
+    add_data_args(p)
+    p.add_argument("--samples", type=positive_int, default=20, help="trials per search (default 20)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds (default 0 1 2)")
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs for each search's local Ray (default: all)")
+    p.add_argument("--out", default="results/compare", help="where the runs and the summary go (default results/compare)")
+    return p
+
+
+def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from tuning.search import main as search
+
+    extra = [a.format(ray_tutorial_space=out / "ray-tutorial-space.yaml") for a in STRATEGIES[strategy]]
+    argv = [*data_flags(args), "--samples", str(args.samples), "--seed", str(seed), "--results-dir", str(out / "runs"),
+            "--name", f"{strategy}-seed{seed}", "--no-baseline", "--quiet", *extra]
+    if args.num_cpus:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    folder = out / "runs" / f"{strategy}-seed{seed}"
+    if not (folder / "experiment.json").exists() or Experiment.load(folder).meta.get("status") != "finished":
+        print(f"{strategy}, seed {seed} ...", flush=True)
+        status = search(argv)
+        if status != 0:
+            raise RuntimeError(f"the {strategy} search with seed {seed} failed (exit {status})")
+    return measure(Experiment.load(folder), strategy, seed)
+
+
+def progress(experiment: Experiment) -> pd.DataFrame:
+    """Every epoch of the search in the order it was reported: cumulative trial-epochs, seconds
+    since the first trial started, and the best test accuracy so far."""
+    records = experiment.journal.read()
+    starts = [r["time"] for r in records if r.get("event") == "trial"]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    rows, best = [], 0.0
+    for i, r in enumerate(sorted(epochs, key=lambda r: r["time"]), start=1):
+        best = max(best, r.get("test_accuracy") or 0.0)
+        rows.append({"trial_epochs": i, "seconds": r["time"] - min(starts), "best_test_accuracy": best})
+    return pd.DataFrame(rows, columns=["trial_epochs", "seconds", "best_test_accuracy"])
+
+
+def measure(experiment: Experiment, strategy: str, seed: int) -> dict[str, Any]:
+    curve = progress(experiment)
+    row: dict[str, Any] = {"strategy": strategy, "seed": seed}
+    for threshold in THRESHOLDS:
+        reached = curve[curve["best_test_accuracy"] >= threshold]
+        key = f"{round(100 * threshold)}"
+        row[f"trial_epochs_to_{key}"] = int(reached["trial_epochs"].iloc[0]) if len(reached) else None
+        row[f"seconds_to_{key}"] = float(reached["seconds"].iloc[0]) if len(reached) else None
+    best = experiment.best
+    row["best_test_accuracy"] = (best.last or {}).get("test_accuracy") if best is not None else None
+    row["trials_meeting_challenge"] = sum(met(t) for t in experiment.trials)
+    row["trial_epochs"] = len(curve)
+    row["seconds"] = float(curve["seconds"].iloc[-1]) if len(curve) else None
+    return row
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Medians over seeds; a threshold some seed never reached counts as never (shown as '-')."""
+    rows = []
+    for strategy, group in runs.groupby("strategy", sort=False):
+        row: dict[str, Any] = {"strategy": strategy, "seeds": len(group)}
+        for col in [c for c in runs.columns if c not in ("strategy", "seed")]:
+            values = group[col].tolist()
+            missing = any(pd.isna(v) for v in values)
+            row[col] = None if missing else statistics.median(values)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(summary: pd.DataFrame) -> str:
+    cols = ["strategy", "trial_epochs_to_50", "trial_epochs_to_55", "seconds_to_50", "seconds_to_55",
+            "best_test_accuracy", "trials_meeting_challenge", "trial_epochs", "seconds"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+
+    def cell(col: str, value: Any) -> str:
+        if value is None or pd.isna(value):
+            return "-"
+        if col == "best_test_accuracy":
+            return f"{100 * value:.1f}%"
+        return f"{value:.0f}" if isinstance(value, (int, float)) else str(value)
+
+    return head + "".join("| " + " | ".join(cell(c, r[c]) for c in cols) + " |\n" for _, r in summary.iterrows())
+
+
+def plot(curves: dict[str, list[pd.DataFrame]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for strategy, runs in curves.items():
+        for ax, x in zip(axes, ("trial_epochs", "seconds")):
+            grid = sorted({v for r in runs for v in r[x]})
+            # the median over seeds of the best accuracy reached by each point of the budget
+            median = [statistics.median([_best_at(r, x, g) for r in runs]) for g in grid]
+            ax.step(grid, [100 * m for m in median], where="post", label=strategy)
+    for ax, label in zip(axes, ("trial-epochs spent", "wall seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("best test accuracy so far (%)")
+        ax.grid(alpha=0.3)
+        for threshold in THRESHOLDS:
+            ax.axhline(100 * threshold, color="grey", lw=0.6, ls=":")
+    axes[0].legend()
+    fig.suptitle("Search strategies on the same data and budget (median over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _best_at(curve: pd.DataFrame, x: str, at: float) -> float:
+    seen = curve[curve[x] <= at]["best_test_accuracy"]
+    return float(seen.iloc[-1]) if len(seen) else 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return fail(PROG, f"{out}: cannot create it ({exc.strerror or exc})")
+    (out / "ray-tutorial-space.yaml").write_text(RAY_TUTORIAL_SPACE)
+    started = time.time()
+    rows, curves = [], {}
+    try:
+        for seed in args.seeds:  # seed by seed, so a partial run already compares like with like
+            for strategy in args.strategies:
+                rows.append(run_strategy(strategy, seed, args, out))
+                folder = out / "runs" / f"{strategy}-seed{seed}"
+                curves.setdefault(strategy, []).append(progress(Experiment.load(folder)))
+    except RuntimeError as exc:
+        return fail(PROG, str(exc), status=1)
+    runs = pd.DataFrame(rows)
+    summary = summarize(runs)
+    atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    table = markdown(summary)
+    atomic_write_text(out / "summary.md", table)
+    plot(curves, out / "compare.png")
+    print(f"\n{len(rows)} searches in {time.time() - started:.0f} s; medians over seeds {args.seeds}:\n")
+    print(table)
+    print(f"written: {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
