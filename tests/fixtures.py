@@ -18,7 +18,8 @@ import numpy as np
 CLASSES = ("cat", "dog", "ship")
 
 
-def write_image_folder(root: Path, per_class: tuple[int, int] = (6, 3), size: int = 8, seed: int = 0, fmt: str = "jpg") -> Path:
+def write_image_folder(root: Path, per_class: tuple[int, int] = (6, 3), size: int = 8, seed: int = 0,
+                       fmt: str = "jpg") -> Path:
     """root/{train,test}/<class>/NNNN.jpg, like the cifar10-jpeg archive; each class its own colour."""
     from PIL import Image
 
@@ -80,7 +81,8 @@ def patch_cifar10_checksums(monkeypatch, files: dict[str, bytes], archive: Path,
 
     monkeypatch.setattr(CIFAR10, "url", url)
     monkeypatch.setattr(CIFAR10, "tgz_md5", md5(archive.read_bytes()))
-    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(files[f"data_batch_{i}"])] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "train_list",
+                        [[f"data_batch_{i}", md5(files[f"data_batch_{i}"])] for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(files["test_batch"])]])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(files["batches.meta"])})
 

@@ -19,7 +19,8 @@ def history(train, test, se=0.0, accuracy=0.5):
 
 def test_met_when_below_and_falling():
     v = verdict(history([2.0, 1.8, 1.6, 1.4, 1.2], [1.9, 1.85, 1.7, 1.6, 1.55]))
-    assert v == {"train_below_test": True, "still_decreasing": True, "above_chance": True, "challenge_met": True, "crossing_epoch": 2}
+    assert v == {"train_below_test": True, "still_decreasing": True, "above_chance": True, "challenge_met": True,
+                 "crossing_epoch": 2}
 
 
 def test_below_but_flat_is_not_met():
@@ -90,7 +91,8 @@ def test_objective_is_what_users_want_and_the_challenge_a_constraint():
 
 def trial(number, accuracy, met, status_epochs=5, epochs=5, **extra):
     last = {"epoch": status_epochs, "test_accuracy": accuracy, "objective": accuracy, "challenge_met": met, **extra}
-    return TrialRecord(trial=f"t{number}", number=number, params={}, config={"epochs": epochs}, epochs=[last], ended=True)
+    return TrialRecord(trial=f"t{number}", number=number, params={}, config={"epochs": epochs}, epochs=[last],
+                       ended=True)
 
 
 def test_rank_puts_the_most_accurate_trial_meeting_the_challenge_first():
@@ -104,7 +106,8 @@ def test_rank_puts_the_most_accurate_trial_meeting_the_challenge_first():
 
 
 def test_a_trial_at_chance_with_a_flat_loss_after_two_epochs_is_stalled():
-    dead = [{"epoch": 1, "test_accuracy": 0.10, "test_loss": 2.3026}, {"epoch": 2, "test_accuracy": 0.10, "test_loss": 2.3026}]
+    dead = [{"epoch": 1, "test_accuracy": 0.10, "test_loss": 2.3026},
+            {"epoch": 2, "test_accuracy": 0.10, "test_loss": 2.3026}]
     assert stalled(dead, classes=10)
     assert stalled([dead[0], {**dead[1], "test_loss": None}], classes=10)  # a non-finite loss: no learning either
     slow = [dead[0], {"epoch": 2, "test_accuracy": 0.105, "test_loss": 2.28}]  # near chance, but the loss falls

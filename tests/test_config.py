@@ -9,11 +9,13 @@ from trainable.config import ConfigError, TrainConfig
 
 def test_defaults_are_the_tutorials_hyperparameters():
     c = TrainConfig()
-    assert (c.lr, c.batch_size, c.epochs, c.optimizer, c.momentum, c.seed, c.hidden) == (1e-3, 64, 10, "sgd", 0.0, 42, [512, 512])
+    assert ((c.lr, c.batch_size, c.epochs, c.optimizer, c.momentum, c.seed, c.hidden)
+            == (1e-3, 64, 10, "sgd", 0.0, 42, [512, 512]))
 
 
 def test_yaml_round_trip(tmp_path):
-    config = TrainConfig(lr=0.05, batch_size=128, epochs=7, optimizer="nesterov", momentum=0.9, weight_decay=5e-4, seed=3, precision="fp32", hidden=[256, 128, 64], data="synthetic")
+    config = TrainConfig(lr=0.05, batch_size=128, epochs=7, optimizer="nesterov", momentum=0.9, weight_decay=5e-4,
+                         seed=3, precision="fp32", hidden=[256, 128, 64], data="synthetic")
     path = tmp_path / "c.yaml"
     config.save(path, header="best trial: abc\nchallenge met")
     assert path.read_text().startswith("# best trial: abc\n# challenge met\n")

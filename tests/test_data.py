@@ -74,13 +74,20 @@ def test_image_folder_second_load_reads_the_cache_not_the_images(tmp_path):
     [
         (lambda r: None, r"no such folder"),
         (lambda r: write_image_folder(r).joinpath("test").rename(r / "val"), r"no test/ folder"),
-        (lambda r: [p.unlink() for p in write_image_folder(r).joinpath("train", "dog").iterdir()], r"train/dog: class folder has no images"),
-        (lambda r: write_image_folder(r).joinpath("train", "dog", "0001.jpg").write_bytes(b"not an image"), r"train/dog/0001\.jpg: cannot read image"),
-        (lambda r: _truncate(write_image_folder(r) / "test" / "ship" / "0002.jpg"), r"test/ship/0002\.jpg: cannot read image"),
-        (lambda r: _resize(write_image_folder(r) / "train" / "cat" / "0003.jpg"), r"train/cat/0003\.jpg: image is 9x9.*one size"),
-        (lambda r: write_image_folder(r).joinpath("test", "cow").mkdir() or (r / "test" / "cow" / "a.jpg").write_bytes((r / "test" / "cat" / "0000.jpg").read_bytes()), r"different class folders \(cow\)"),
+        (lambda r: [p.unlink() for p in write_image_folder(r).joinpath("train", "dog").iterdir()],
+         r"train/dog: class folder has no images"),
+        (lambda r: write_image_folder(r).joinpath("train", "dog", "0001.jpg").write_bytes(b"not an image"),
+         r"train/dog/0001\.jpg: cannot read image"),
+        (lambda r: _truncate(write_image_folder(r) / "test" / "ship" / "0002.jpg"),
+         r"test/ship/0002\.jpg: cannot read image"),
+        (lambda r: _resize(write_image_folder(r) / "train" / "cat" / "0003.jpg"),
+         r"train/cat/0003\.jpg: image is 9x9.*one size"),
+        (lambda r: write_image_folder(r).joinpath("test", "cow").mkdir()
+         or (r / "test" / "cow" / "a.jpg").write_bytes((r / "test" / "cat" / "0000.jpg").read_bytes()),
+         r"different class folders \(cow\)"),
     ],
-    ids=["missing-folder", "missing-split", "empty-class", "unreadable-image", "truncated-image", "mixed-sizes", "class-mismatch"],
+    ids=["missing-folder", "missing-split", "empty-class", "unreadable-image", "truncated-image", "mixed-sizes",
+         "class-mismatch"],
 )
 def test_bad_image_folders_name_the_file_or_folder(tmp_path, breakage, message):
     root = tmp_path / "imgs"
@@ -136,7 +143,9 @@ def test_cifar10_offline_without_a_copy_says_where_to_put_it(tmp_path, monkeypat
     from torchvision.datasets import CIFAR10
 
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens on port 9
-    with pytest.raises(DataError, match=r"CIFAR-10 is not in .* could not be downloaded .*Put cifar-10-python\.tar\.gz .* or pass --data PATH"):
+    with pytest.raises(DataError,
+                       match=r"CIFAR-10 is not in .* could not be downloaded "
+                             r".*Put cifar-10-python\.tar\.gz .* or pass --data PATH"):
         load_cifar10(tmp_path / "data")
 
 
@@ -181,7 +190,8 @@ def test_two_processes_loading_cifar10_at_once_download_it_once(tmp_path, cifar1
             "root": str(tmp_path / "data"),
         }
     )
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOADER, spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOADER, spec], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert all("(50, 3, 32, 32)" in out for out, _ in outputs)
@@ -190,8 +200,10 @@ def test_two_processes_loading_cifar10_at_once_download_it_once(tmp_path, cifar1
 
 def test_two_processes_decoding_one_image_folder_share_one_cache(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=(30, 10))
-    script = "import sys; from trainable.data import load_image_folder; print(load_image_folder(sys.argv[1], cache_dir=sys.argv[2]).train_images.sum())"
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    script = ("import sys; from trainable.data import load_image_folder; "
+              "print(load_image_folder(sys.argv[1], cache_dir=sys.argv[2]).train_images.sum())")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1

@@ -48,7 +48,8 @@ def test_shuffling_differs_between_epochs_but_is_seeded(data):
         seen: list[int] = []
         model.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].sum().item())))
         images = torch.arange(8, dtype=torch.uint8).repeat_interleave(3 * 32 * 32).reshape(8, 3, 32, 32)
-        train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), images, torch.zeros(8, dtype=torch.int64), batch_size=1, generator=torch.Generator().manual_seed(epoch_generator_seed))
+        train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), images, torch.zeros(8, dtype=torch.int64),
+                    batch_size=1, generator=torch.Generator().manual_seed(epoch_generator_seed))
         return seen
 
     from trainable.fit import epoch_seed
@@ -139,10 +140,12 @@ def test_a_stalled_epoch_is_named_with_its_slowdown():
     assert slow_epoch_text(history) == "slow epoch: 4 at 234 s, 14× epoch 1 (+1 more)"
     assert slow_epoch_text(history[:3]) == "slow epoch: 3 at 176 s, 10× epoch 1"
     assert slow_epochs(history[:2]) == [] and slow_epoch_text(history[:2]) == ""
-    assert slow_epochs([{"epoch": 3, "epoch_seconds": 1.0}, {"epoch": 4, "epoch_seconds": 9.0}]) == []  # no epoch 1 seen
+    # no epoch 1 seen
+    assert slow_epochs([{"epoch": 3, "epoch_seconds": 1.0}, {"epoch": 4, "epoch_seconds": 9.0}]) == []
 
 
-@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)])
+@pytest.mark.parametrize(("capability", "native"),
+                         [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)])
 def test_cuda_bf16_only_where_native(capability, native):
     """V100 (7.0) and T4 (7.5) emulate bf16 although torch.cuda.is_bf16_supported() says yes."""
     from trainable.fit import cuda_bf16_native

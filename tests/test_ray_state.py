@@ -60,7 +60,8 @@ class RayMachine:
         """`ray start ...` in a new process group; the node's daemons stay in that group."""
         command = [python, "-c", "from ray.scripts.scripts import main; main()"] if python else [RAY]
         proc = subprocess.Popen(
-            [*command, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
+            [*command, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / "ray"),
+             "--disable-usage-stats",
              *(["--include-dashboard", "false"] if "--head" in argv else []), *argv],
             env=env or self.env(), cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
@@ -75,7 +76,8 @@ class RayMachine:
         return self.address_file.read_text().strip()
 
     def search(self, argv: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, SEARCH, *argv], env=self.env(**env), cwd=cwd, capture_output=True, text=True,
+        return subprocess.run([sys.executable, SEARCH, *argv], env=self.env(**env), cwd=cwd, capture_output=True,
+                              text=True,
                               timeout=timeout)
 
     def kill(self, group: int) -> None:
@@ -123,18 +125,21 @@ def test_a_stale_address_file_and_ray_address_do_not_change_the_default_search(m
     dead = f"127.0.0.1:{closed_port()}"
     machine.address_file.parent.mkdir(parents=True)
     machine.address_file.write_text(dead)
-    result = machine.search(["--smoke-test", "--num-cpus", "2", "--results-dir", str(tmp_path / "results"), "--name", "smoke"],
+    result = machine.search(["--smoke-test", "--num-cpus", "2", "--results-dir", str(tmp_path / "results"), "--name",
+                             "smoke"],
                             cwd=tmp_path, RAY_ADDRESS=dead)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(pd.read_csv(tmp_path / "results" / "smoke" / "trials.csv")) == 3
-    assert "Failed to connect" not in result.stderr and "num_cpus and num_gpus must not be provided" not in result.stderr
+    assert ("Failed to connect" not in result.stderr
+            and "num_cpus and num_gpus must not be provided" not in result.stderr)
 
 
 @pytest.mark.slow
 def test_a_running_cluster_is_not_joined_by_the_default_search(machine, tmp_path):
     address = machine.head("--num-cpus", "1")
     # --num-cpus is refused by Ray when joining a cluster, and the head has 1 CPU, not 2
-    result = machine.search(["--data", "synthetic", "--num-cpus", "2", "--samples", "2", "--no-baseline", "--space", space(tmp_path),
+    result = machine.search(["--data", "synthetic", "--num-cpus", "2", "--samples", "2", "--no-baseline", "--space",
+                             space(tmp_path),
                              "--results-dir", str(tmp_path / "results"), "--name", "own"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "of 2 CPUs" in result.stdout and "Ray cluster:" not in result.stdout
@@ -148,9 +153,11 @@ def test_a_running_cluster_is_not_joined_by_the_default_search(machine, tmp_path
 def test_a_dead_address_is_one_line_exit_2_and_nothing_written(cli, tmp_path):
     results = tmp_path / "results"
     started = time.time()
-    status, out, err = cli(search, ["--smoke-test", "--address", f"127.0.0.1:{closed_port()}", "--results-dir", str(results), "--name", "x"])
+    status, out, err = cli(search, ["--smoke-test", "--address", f"127.0.0.1:{closed_port()}", "--results-dir",
+                                    str(results), "--name", "x"])
     assert status == 2, (out, err)
-    assert "no Ray cluster answers at 127.0.0.1:" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ("no Ray cluster answers at 127.0.0.1:" in err and len(err.strip().splitlines()) == 1
+            and "Traceback" not in err)
     assert not results.exists()  # no experiment folder, no lock file
     assert time.time() - started < 60  # seconds, not Ray's minutes of retries (a generous bound for a slow box)
 
@@ -173,7 +180,8 @@ def test_a_cluster_without_shared_storage_is_warned_about():
         return storage_warning(build_parser().parse_args(list(argv)))
 
     assert warning() is None  # a local Ray: one disk
-    assert "without --storage" in warning("--address", "auto") and "cannot read its checkpoint" in warning("--address", "auto")
+    assert ("without --storage" in warning("--address", "auto")
+            and "cannot read its checkpoint" in warning("--address", "auto"))
     assert "--storage /data/ckpt is a local path" in warning("--address", "auto", "--storage", "/data/ckpt")
     assert warning("--address", "auto", "--storage", "s3://bucket/hptune") is None
 
@@ -187,10 +195,13 @@ def bare_worker_env(machine: RayMachine) -> tuple[str, dict[str, str]]:
     import sysconfig
 
     base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    env = machine.env(PYTHONPATH=sysconfig.get_paths()["purelib"], RAY_AUTH_MODE="token")  # a worker joins with the head's token
-    probe = subprocess.run([str(base), "-c", "import ray, torch, optuna\ntry:\n import trainable\nexcept ImportError: print('no')"],
+    # a worker joins with the head's token
+    env = machine.env(PYTHONPATH=sysconfig.get_paths()["purelib"], RAY_AUTH_MODE="token")
+    probe = subprocess.run([str(base), "-c",
+                            "import ray, torch, optuna\ntry:\n import trainable\nexcept ImportError: print('no')"],
                            env=env, cwd=machine.root, capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "no", probe.stdout + probe.stderr  # it has Ray and torch; the project it cannot import
+    # it has Ray and torch; the project it cannot import
+    assert probe.stdout.strip() == "no", probe.stdout + probe.stderr
     return str(base), env
 
 
@@ -202,8 +213,10 @@ def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp
     machine.ray_start("--address", address, "--num-cpus", "2", python=python, env=env)
     storage = tmp_path / "shared"
     # the driver as a user on the head node types it, from a folder outside the repository
-    result = machine.search(["--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--space", space(tmp_path),
-                             "--storage", str(storage), "--results-dir", str(tmp_path / "results"), "--name", "c"], cwd=tmp_path)
+    result = machine.search(["--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--space",
+                             space(tmp_path),
+                             "--storage", str(storage), "--results-dir", str(tmp_path / "results"), "--name", "c"],
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"Ray cluster: {address} (--address auto)")
     assert "Attached to the Ray cluster" in result.stdout and "2 nodes, 2 CPUs" in result.stdout
@@ -219,10 +232,12 @@ def test_a_lost_node_costs_no_trial_and_no_epoch(machine, tmp_path):
     worker_env = machine.env(RAY_AUTH_MODE="token")
     nodes = [machine.ray_start("--address", address, "--num-cpus", "1", env=worker_env) for _ in range(2)]
     epochs, storage, exp = 40, tmp_path / "shared", tmp_path / "results" / "lost"
-    long_space = f"lr: {{low: 0.005, high: 0.02}}\nbatch_size: [32]\nepochs: {epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n"
+    long_space = (f"lr: {{low: 0.005, high: 0.02}}\nbatch_size: [32]\nepochs: {epochs}\n"
+                  "optimizer: [nesterov]\nmomentum: 0.9\n")
     log = open(tmp_path / "search.log", "w")
     driver = subprocess.Popen(
-        [sys.executable, SEARCH, "--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--no-early-stop",
+        [sys.executable, SEARCH, "--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline",
+         "--no-early-stop",
          "--max-failures", "3", "--space", space(tmp_path, long_space), "--storage", str(storage),
          "--results-dir", str(tmp_path / "results"), "--name", "lost"],
         env=machine.env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

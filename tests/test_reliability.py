@@ -58,7 +58,8 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--data", "/no/such/folder"], "/no/such/folder: no such folder"),
         (["--address", "ray://head:10001"], "--address ray://...: Ray Client runs Tune on the head node"),
         (["--config", "@nesterov", "--space", "@momentum0"], "momentum: nesterov needs momentum > 0"),
-        (["--config", "@nesterov", "--space", "@lrrange"], "the tutorial's baseline is not a valid configuration over this base"),
+        (["--config", "@nesterov", "--space", "@lrrange"],
+         "the tutorial's baseline is not a valid configuration over this base"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
@@ -73,7 +74,8 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
         "@momentum0": write(tmp_path, "h.yaml", "lr: [0.01]\nmomentum: 0.0\n"),
         "@lrrange": write(tmp_path, "i.yaml", "momentum: {low: 0.5, high: 0.9}\n"),
     }
-    argv = ["--results-dir", str(tmp_path / "results"), "--name", "x", "--data", "synthetic", *[files.get(a, a) for a in extra]]
+    argv = ["--results-dir", str(tmp_path / "results"), "--name", "x", "--data", "synthetic",
+            *[files.get(a, a) for a in extra]]
     status, out, err = cli(search, argv)
     assert status == 2, (out, err)
     assert message in err, err
@@ -85,13 +87,17 @@ def test_bad_image_folders_are_one_line_exit_2(cli, tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     cases = {
         "no-split": (lambda: (root / "test").rename(root / "val"), "no test/ folder"),
-        "empty-class": (lambda: [p.unlink() for p in (root / "train" / "dog").iterdir()], "train/dog: class folder has no images"),
-        "truncated": (lambda: (root / "train" / "cat" / "0001.jpg").write_bytes((root / "train" / "cat" / "0001.jpg").read_bytes()[:40]), "0001.jpg: cannot read image"),
+        "empty-class": (lambda: [p.unlink() for p in (root / "train" / "dog").iterdir()],
+                        "train/dog: class folder has no images"),
+        "truncated": (lambda: (root / "train" / "cat" / "0001.jpg").write_bytes(
+                          (root / "train" / "cat" / "0001.jpg").read_bytes()[:40]),
+                      "0001.jpg: cannot read image"),
     }
     for name, (breakage, message) in cases.items():
         root = write_image_folder(tmp_path / name)
         breakage()
-        status, _, err = cli(search, ["--results-dir", str(tmp_path / "results"), "--data", str(root), "--cache-dir", str(tmp_path / "cache")])
+        status, _, err = cli(search, ["--results-dir", str(tmp_path / "results"), "--data", str(root), "--cache-dir",
+                                      str(tmp_path / "cache")])
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
 
 
@@ -123,9 +129,11 @@ def test_unwritable_results_directory_is_one_line_exit_2(cli, tmp_path):
 
 @pytest.mark.slow
 def test_resources_the_cluster_lacks_are_one_line_exit_2(cli, tmp_path):
-    base = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2", "--num-gpus", "0"]
+    base = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
+            "--num-gpus", "0"]
     status, _, err = cli(search, [*base, "--cpus-per-trial", "8"])
-    assert status == 2 and "--cpus-per-trial 8: the cluster has only 2 CPUs" in err and len(err.strip().splitlines()) == 1
+    assert (status == 2 and "--cpus-per-trial 8: the cluster has only 2 CPUs" in err
+            and len(err.strip().splitlines()) == 1)
     status, _, err = cli(search, [*base, "--gpus-per-trial", "0.5"])
     assert status == 2 and "--gpus-per-trial 0.5: the cluster has 0 GPUs" in err
     assert not (tmp_path / "results" / "r").exists()
@@ -136,9 +144,11 @@ def test_resources_the_cluster_lacks_are_one_line_exit_2(cli, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_trials_end_as_diverged_and_the_search_completes(cli, tmp_path):
-    space = write(tmp_path, "s.yaml", "lr: [20.0, 0.01]\nbatch_size: [128]\nepochs: 3\noptimizer: [sgd]\nmomentum: 0.9\n")
-    status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "d", "--num-cpus", "2",
-                                    "--samples", "4", "--space", space, "--sampler", "random", "--no-baseline", "--no-early-stop"])
+    space = write(tmp_path, "s.yaml",
+                  "lr: [20.0, 0.01]\nbatch_size: [128]\nepochs: 3\noptimizer: [sgd]\nmomentum: 0.9\n")
+    status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "d",
+                                    "--num-cpus", "2", "--samples", "4", "--space", space, "--sampler", "random",
+                                    "--no-baseline", "--no-early-stop"])
     assert status == 0, err
     table = pd.read_csv(tmp_path / "results" / "d" / "trials.csv")
     assert len(table) == 4
@@ -156,9 +166,11 @@ def test_failing_trial_is_retried_from_its_checkpoint(cli, tmp_path, monkeypatch
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"2:1:{markers}")  # every trial raises once at epoch 2
-    space = write(tmp_path, "s.yaml", "lr: {low: 0.005, high: 0.02}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n")
-    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "f", "--num-cpus", "2",
-                                  "--samples", "2", "--space", space, "--no-baseline", "--no-early-stop", "--max-failures", "1"])
+    space = write(tmp_path, "s.yaml",
+                  "lr: {low: 0.005, high: 0.02}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n")
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "f",
+                                  "--num-cpus", "2", "--samples", "2", "--space", space, "--no-baseline",
+                                  "--no-early-stop", "--max-failures", "1"])
     assert status == 0, err
     assert len(list(markers.iterdir())) == 2  # both trials did fail once
     exp = tmp_path / "results" / "f"
@@ -175,9 +187,12 @@ def test_trial_failing_for_good_is_errored_and_others_unaffected(cli, tmp_path, 
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"2:99:{markers}:batch_size=256")  # batch 256 trials always fail
-    space = write(tmp_path, "s.yaml", "lr: {low: 0.005, high: 0.02}\nbatch_size: [128, 256]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n")
-    status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "e", "--num-cpus", "2",
-                                    "--samples", "5", "--space", space, "--sampler", "random", "--no-baseline", "--no-early-stop", "--max-failures", "1"])
+    space = write(tmp_path, "s.yaml",
+                  "lr: {low: 0.005, high: 0.02}\nbatch_size: [128, 256]\nepochs: 3\noptimizer: [nesterov]\n"
+                  "momentum: 0.9\n")
+    status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "e",
+                                    "--num-cpus", "2", "--samples", "5", "--space", space, "--sampler", "random",
+                                    "--no-baseline", "--no-early-stop", "--max-failures", "1"])
     assert status == 0, err
     table = pd.read_csv(tmp_path / "results" / "e" / "trials.csv")
     assert len(table) == 5
@@ -194,7 +209,8 @@ def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypat
     markers.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"1:99:{markers}")
     space = write(tmp_path, "s.yaml", "lr: [0.01]\nbatch_size: [256]\nepochs: 2\noptimizer: [adam]\n")
-    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "all", "--num-cpus", "2",
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "all",
+                                  "--num-cpus", "2",
                                   "--samples", "2", "--space", space, "--no-baseline", "--max-failures", "0"])
     assert status == 1 and "no trial finished" in err
     assert set(pd.read_csv(tmp_path / "results" / "all" / "trials.csv")["status"]) == {"errored"}
@@ -205,7 +221,8 @@ def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypat
 
 def start(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(tmp_path / "first-run.log", "w")
-    return subprocess.Popen([sys.executable, SEARCH, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    return subprocess.Popen([sys.executable, SEARCH, *argv], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True,
                             env={**os.environ, **(env or {})})
 
 
@@ -224,7 +241,8 @@ def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, tim
 def snapshot(exp: Path) -> tuple[dict[str, list], dict[str, int]]:
     """(test losses of each finished trial, checkpointed epoch of each unfinished one)"""
     ts = trials(Journal(exp).read())
-    return {t.trial: [m["test_loss"] for m in t.epochs] for t in ts if t.done}, {t.trial: t.checkpoint_epoch for t in ts if not t.done}
+    return ({t.trial: [m["test_loss"] for m in t.epochs] for t in ts if t.done},
+            {t.trial: t.checkpoint_epoch for t in ts if not t.done})
 
 
 def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, int], samples: int) -> None:

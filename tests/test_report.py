@@ -20,7 +20,8 @@ d,4,False,5.0,64,3,sgd,0.9,0.0,constant,
 e,5,False,0.01,512,3,adamw,0.9,0.0,constant,RuntimeError: injected fault at epoch 1 (test)
 f,6,False,0.01,128,3,sgd,0.9,0.0,constant,
 """
-EPOCHS = """trial,epoch,train_loss,train_accuracy,test_loss,test_accuracy,test_loss_se,epoch_seconds,diverged,train_below_test,still_decreasing,above_chance,challenge_met,crossing_epoch
+EPOCHS = """trial,epoch,train_loss,train_accuracy,test_loss,test_accuracy,test_loss_se,epoch_seconds,diverged,\
+train_below_test,still_decreasing,above_chance,challenge_met,crossing_epoch
 a,1,2.28,0.12,2.26,0.18,0.01,3,False,False,False,True,False,
 a,2,2.10,0.22,2.05,0.25,0.01,3,False,False,False,True,False,
 a,3,1.95,0.30,1.93,0.31,0.01,3,False,False,True,True,False,
@@ -48,11 +49,15 @@ def write_journal(exp, trials_csv=TRIALS, epochs_csv=EPOCHS):
     journal = Journal(exp)
     trials, epochs = pd.read_csv(io.StringIO(trials_csv)), pd.read_csv(io.StringIO(epochs_csv))
     for _, t in trials.iterrows():
-        params = {k: t[k].item() if hasattr(t[k], "item") else t[k] for k in ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")}
-        config = {**params, "seed": 42, "precision": "auto", "hidden": [512, 512], "data": "synthetic", "data_root": "data"}
-        journal.append("trial", trial=t["trial"], number=int(t["number"]), params=params, config=config, baseline=bool(t["baseline"]))
+        params = {k: t[k].item() if hasattr(t[k], "item") else t[k]
+                  for k in ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")}
+        config = {**params, "seed": 42, "precision": "auto", "hidden": [512, 512], "data": "synthetic",
+                  "data_root": "data"}
+        journal.append("trial", trial=t["trial"], number=int(t["number"]), params=params, config=config,
+                       baseline=bool(t["baseline"]))
         for _, m in epochs[epochs["trial"] == t["trial"]].iterrows():
-            metrics = {k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v)) for k, v in m.items() if k != "trial"}
+            metrics = {k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v))
+                       for k, v in m.items() if k != "trial"}
             metrics["objective"] = -1.0 if metrics["diverged"] else metrics["test_accuracy"]
             journal.append("epoch", trial=t["trial"], **metrics)
         journal.append("end", trial=t["trial"], error=None if pd.isna(t["error"]) else t["error"])

@@ -26,7 +26,8 @@ momentum: {low: 0.5, high: 0.95}
 
 
 def run(cli, tmp_path, *extra: str, name: str = "exp") -> tuple[int, str, str]:
-    return cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", name, "--num-cpus", "2", *extra])
+    return cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", name, "--num-cpus",
+                        "2", *extra])
 
 
 def space_file(tmp_path, text: str = FAST_SPACE):
@@ -45,7 +46,8 @@ def test_search_writes_consistent_outputs(cli, tmp_path):
     assert set(trials["status"]) <= {"finished", "early-stopped", "diverged"}
     # epochs.csv has every epoch of every trial, with the trainable's metric names
     assert epochs.groupby("trial").size().reindex(trials["trial"]).tolist() == trials["epochs_run"].tolist()
-    assert {"train_loss", "test_loss", "test_accuracy", "samples_per_second", "challenge_met", "objective"} <= set(epochs.columns)
+    assert ({"train_loss", "test_loss", "test_accuracy", "samples_per_second", "challenge_met", "objective"}
+            <= set(epochs.columns))
     last = epochs.sort_values("epoch").groupby("trial").tail(1).set_index("trial")
     assert (last.loc[trials["trial"], "test_accuracy"].values == trials["test_accuracy"].values).all()
     # best_config.yaml is the best row's configuration, loadable unchanged by python -m trainable
@@ -67,21 +69,25 @@ def test_search_writes_consistent_outputs(cli, tmp_path):
 def test_custom_space_random_sampler_and_storage_are_honoured(cli, tmp_path):
     space = "lr: {low: 0.01, high: 0.02}\nbatch_size: [256]\nepochs: 2\noptimizer: [adam]\n"
     storage = tmp_path / "shared-storage"
-    status, _, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, space), "--sampler", "random", "--no-baseline", "--storage", str(storage))
+    status, _, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, space), "--sampler", "random",
+                         "--no-baseline", "--storage", str(storage))
     assert status == 0, err
     # Ray's checkpoints went to --storage, in a folder of this experiment's own
     assert len(list((storage / "exp" / "attempt-1").glob("*/checkpoint_*/state.pt"))) == 3
     assert not (tmp_path / "results" / "exp" / "ray").exists()
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     assert len(trials) == 3
-    assert trials["lr"].between(0.01, 0.02).all() and set(trials["batch_size"]) == {256} and set(trials["optimizer"]) == {"adam"}
+    assert (trials["lr"].between(0.01, 0.02).all() and set(trials["batch_size"]) == {256}
+            and set(trials["optimizer"]) == {"adam"})
     assert len(set(trials["lr"])) == 3  # sampled, not repeated
 
 
 def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     # ASHA from epoch 1 on, keeping half: the baseline is the worst trial, yet it runs to the end
-    space = "lr: {low: 0.01, high: 0.03, log: true}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\nmomentum: 0.9\n"
-    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--grace-period", "1", "--reduction-factor", "2")
+    space = ("lr: {low: 0.01, high: 0.03, log: true}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\n"
+             "momentum: 0.9\n")
+    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--grace-period",
+                           "1", "--reduction-factor", "2")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     baseline = trials[trials["baseline"]]
@@ -97,7 +103,8 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     assert len(study.trials) == 5
     (base_trial,) = [t for t in study.trials if t.user_attrs.get("baseline")]
     assert base_trial.state == optuna.trial.TrialState.COMPLETE and len(base_trial.intermediate_values) == 10
-    assert base_trial.user_attrs["outside_space"] == {"lr": 1e-3, "optimizer": "sgd", "batch_size": 64}  # this space cannot hold them
+    # this space cannot hold them
+    assert base_trial.user_attrs["outside_space"] == {"lr": 1e-3, "optimizer": "sgd", "batch_size": 64}
     stopped = trials[trials["status"] == "early-stopped"]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(stopped) >= 1 and len(pruned) == len(stopped)
@@ -110,8 +117,9 @@ def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path):
     space = "lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 3\noptimizer: [sgd]\n"
     status, _, err = cli(
         search,
-        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu", "--num-cpus", "2", "--num-gpus", "1",
-         "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5", "--samples", "4", "--no-baseline", "--no-early-stop", "--space", space_file(tmp_path, space)],
+        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu", "--num-cpus", "2",
+         "--num-gpus", "1", "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5", "--samples", "4", "--no-baseline",
+         "--no-early-stop", "--space", space_file(tmp_path, space)],
     )
     assert status == 0, err
     records = Journal(tmp_path / "results" / "gpu").read()
@@ -131,7 +139,8 @@ def test_finished_experiment_is_not_overwritten(cli, tmp_path):
     assert status == 2 and "is a finished experiment; use --restart" in err and len(err.strip().splitlines()) == 1
     assert (exp / "trials.csv").read_text() == before
     # --restart with bad input: exit 2, and the finished experiment stays where it was
-    status, _, err = cli(search, ["--data", "/no/such/folder", "--results-dir", str(tmp_path / "results"), "--name", "exp", *argv, "--restart"])
+    status, _, err = cli(search, ["--data", "/no/such/folder", "--results-dir", str(tmp_path / "results"), "--name",
+                                  "exp", *argv, "--restart"])
     assert status == 2 and (exp / "trials.csv").read_text() == before
     assert not [p for p in (tmp_path / "results").iterdir() if ".replaced-" in p.name]
     status, out, err = run(cli, tmp_path, *argv, "--restart")
@@ -159,7 +168,8 @@ momentum: 0.9
 
 
 def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp_path):
-    status, out, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, CHALLENGE_SPACE), "--no-early-stop", "--confirm-seeds", "1")
+    status, out, err = run(cli, tmp_path, "--samples", "3", "--space", space_file(tmp_path, CHALLENGE_SPACE),
+                           "--no-early-stop", "--confirm-seeds", "1")
     assert status == 0, err
     exp = tmp_path / "results" / "exp"
     trials = pd.read_csv(exp / "trials.csv")
@@ -167,8 +177,10 @@ def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp
     assert baseline["epochs"] == 10 and baseline["lr"] == 1e-3  # the tutorial's run, not the space's 8 epochs
     assert not baseline["challenge_met"] and baseline["train_loss"] >= baseline["test_loss"]
     best = trials[trials["rank"] == 1].iloc[0]
-    assert best["challenge_met"] and not best["baseline"] and best["train_loss"] < best["test_loss"] - 2 * best["test_loss_se"]
-    assert "Challenge (train loss below test loss by more than 2 standard errors, still falling, above chance): met by" in out
+    assert (best["challenge_met"] and not best["baseline"]
+            and best["train_loss"] < best["test_loss"] - 2 * best["test_loss_se"])
+    assert ("Challenge (train loss below test loss by more than 2 standard errors, still falling, above chance): "
+            "met by") in out
     assert "(the tutorial's configuration)" in out and "challenge not met (train_loss" in out and "(2 SE)" in out
     assert best_config_header(exp).startswith("# Best trial of experiment exp")
     assert "# confirmed with 1 new seeds; test_accuracy" in best_config_header(exp)
@@ -183,7 +195,8 @@ def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp
 
 
 def test_smoke_test_runs_three_trials_of_two_epochs(cli, tmp_path):
-    status, out, err = cli(search, ["--smoke-test", "--results-dir", str(tmp_path / "results"), "--name", "smoke", "--num-cpus", "2"])
+    status, out, err = cli(search, ["--smoke-test", "--results-dir", str(tmp_path / "results"), "--name", "smoke",
+                                    "--num-cpus", "2"])
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "smoke" / "trials.csv")
     assert len(trials) == 3 and set(trials["epochs"]) == {2}
@@ -203,7 +216,8 @@ def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path, mon
     markers.mkdir()
     monkeypatch.setenv(HOLD_ENV, f"1:1:{markers}")
     space = "lr: {low: 0.01, high: 0.03}\nbatch_size: [256]\nepochs: 2\noptimizer: [sgd]\n"
-    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline", "--no-early-stop", "--time-budget", "30")
+    status, out, err = run(cli, tmp_path, "--samples", "50", "--space", space_file(tmp_path, space), "--no-baseline",
+                           "--no-early-stop", "--time-budget", "30")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     assert 2 <= len(trials) < 50 and "Time budget of 30 s reached" in out

@@ -60,12 +60,14 @@ def test_user_space_from_yaml(tmp_path):
     path.write_text("lr: {low: 1e-4, high: 0.1, log: true}\nbatch_size: {type: pow2, low: 100, high: 600}\n"
                     "epochs: {low: 3, high: 9}\noptimizer: [adam, adamw]\nmomentum: 0.8\n")
     space = load_space(path)
-    assert space.cases("lr")[0].distribution == od.FloatDistribution(1e-4, 0.1, log=True)  # "1e-4" is a string to YAML 1.1
+    # "1e-4" is a string to YAML 1.1
+    assert space.cases("lr")[0].distribution == od.FloatDistribution(1e-4, 0.1, log=True)
     assert space.cases("batch_size")[0].describe() == "128 .. 512 (powers of two)"
     assert space.cases("epochs")[0].distribution == od.IntDistribution(3, 9)
     assert space.fixed == {"momentum": 0.8}
     config = trial_config(TrainConfig(), space, {"lr": 0.01, "batch_size": 256, "epochs": 4, "optimizer": "adam"})
-    assert (config.lr, config.batch_size, config.epochs, config.optimizer, config.momentum) == (0.01, 256, 4, "adam", 0.8)
+    assert ((config.lr, config.batch_size, config.epochs, config.optimizer, config.momentum)
+            == (0.01, 256, 4, "adam", 0.8))
 
 
 def test_conditional_ranges_from_yaml(tmp_path):
@@ -75,7 +77,8 @@ def test_conditional_ranges_from_yaml(tmp_path):
                     "  - {when: {optimizer: adam}, low: 1e-4, high: 1e-3, log: true}\n"
                     "momentum: {when: {optimizer: [sgd]}, low: 0.8, high: 0.9}\n")
     for s in ask(load_space(path), n=20):
-        assert (0.01 <= s["lr"] <= 0.1 and 0.8 <= s["momentum"] <= 0.9) if s["optimizer"] == "sgd" else (s["lr"] <= 1e-3 and "momentum" not in s)
+        assert ((0.01 <= s["lr"] <= 0.1 and 0.8 <= s["momentum"] <= 0.9) if s["optimizer"] == "sgd"
+                else (s["lr"] <= 1e-3 and "momentum" not in s))
 
 
 @pytest.mark.parametrize(
@@ -94,11 +97,14 @@ def test_conditional_ranges_from_yaml(tmp_path):
         ({"optimizer": ["nesterov"], "momentum": [0.0, 0.9]}, "nesterov needs momentum > 0"),
         ({"momentum": {"low": 0.5, "high": 1.5}}, "momentum: must be in [0, 1)"),
         ([1, 2], "expected a mapping"),
-        ({"momentum": {"when": {"optimizer": ["sgd"]}, "low": 0.5, "high": 0.9}}, "when optimizer: optimizer must be a list"),
+        ({"momentum": {"when": {"optimizer": ["sgd"]}, "low": 0.5, "high": 0.9}},
+         "when optimizer: optimizer must be a list"),
         ({"optimizer": ["sgd", "adam"], "lr": [{"low": 0.1, "high": 0.2}]}, "lr: a list of ranges needs a `when`"),
         ({"optimizer": ["sgd", "adam"], "lr": [{"when": {"optimizer": "sgd"}, "low": 0.1, "high": 0.2},
-                                               {"when": {"optimizer": ["sgd", "adam"]}, "low": 0.1, "high": 0.2}]}, "lr: two cases apply when optimizer is sgd"),
-        ({"optimizer": ["sgd"], "lr": {"when": {"optimizer": ["rmsprop"]}, "low": 0.1, "high": 0.2}}, "lr: when optimizer: must be one of"),
+                                               {"when": {"optimizer": ["sgd", "adam"]}, "low": 0.1, "high": 0.2}]},
+         "lr: two cases apply when optimizer is sgd"),
+        ({"optimizer": ["sgd"], "lr": {"when": {"optimizer": ["rmsprop"]}, "low": 0.1, "high": 0.2}},
+         "lr: when optimizer: must be one of"),
     ],
 )
 def test_bad_spaces_name_the_parameter(spec, message):

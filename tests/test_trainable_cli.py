@@ -29,7 +29,8 @@ def test_json_prints_one_object_per_epoch_with_the_metric_names(capsys):
 
 def test_config_file_is_used_and_flags_override_it(tmp_path, capsys):
     path = tmp_path / "best.yaml"
-    TrainConfig(lr=0.02, epochs=1, optimizer="nesterov", momentum=0.5, data="synthetic").save(path, header="verdict: met")
+    TrainConfig(lr=0.02, epochs=1, optimizer="nesterov", momentum=0.5,
+                data="synthetic").save(path, header="verdict: met")
     assert main(["--config", str(path), "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
     assert main(["--config", str(path), "--epochs", "2", "--json"]) == 0
@@ -70,14 +71,16 @@ def test_a_device_this_machine_lacks_is_one_line_exit_2(cli):
 
 
 def test_module_runs_as_a_script():
-    result = subprocess.run([sys.executable, "-m", "trainable", "--data", "synthetic", "--epochs", "1"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "trainable", "--data", "synthetic", "--epochs", "1"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Epoch   1/1" in result.stdout
 
 
 def test_seeds_retrains_with_new_seeds_and_writes_confirm_csv(tmp_path, capsys):
     path = tmp_path / "best_config.yaml"
-    TrainConfig(lr=0.02, epochs=2, optimizer="nesterov", momentum=0.9, batch_size=128, data="synthetic", seed=7).save(path)
+    TrainConfig(lr=0.02, epochs=2, optimizer="nesterov", momentum=0.9, batch_size=128, data="synthetic",
+                seed=7).save(path)
     assert main(["--config", str(path), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "seed 8:" in out and "seed 9:" in out and "Confirmation: 2 new seeds; test_accuracy" in out and "±" in out

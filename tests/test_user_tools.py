@@ -212,5 +212,6 @@ def test_dashboard_shows_early_stopped_trials_as_pruned(searched):
     proposed = searched["trials"][~searched["trials"]["baseline"]]
     states = {r["number"]: (r["status"], (find(dashboard, r) or {}).get("state")) for _, r in proposed.iterrows()}
     assert "early-stopped" in {s for s, _ in states.values()}
-    expected = {n: (status, "Pruned" if status in ("early-stopped", "stalled") else "Complete") for n, (status, _) in states.items()}
+    expected = {n: (status, "Pruned" if status in ("early-stopped", "stalled") else "Complete")
+                for n, (status, _) in states.items()}
     assert states == expected

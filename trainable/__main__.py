@@ -24,14 +24,17 @@ from trainable.fit import Trainer, flush_denormals, select_device, slow_epochs
 
 PROG = "python -m trainable"
 # flag dest -> TrainConfig field, for the flags that override one field each
-HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule", "seed", "hidden")
+HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule", "seed",
+                        "hidden")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Train one configuration of the tutorial's MLP (no Ray).")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", metavar="YAML", help="start from this configuration (e.g. a search's best_config.yaml)")
-    src.add_argument("--tutorial", action="store_true", help="exactly the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42)")
+    src.add_argument("--config", metavar="YAML",
+                     help="start from this configuration (e.g. a search's best_config.yaml)")
+    src.add_argument("--tutorial", action="store_true",
+                     help="exactly the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42)")
     h = p.add_argument_group("hyperparameters (override --config; the default is the tutorial's)")
     h.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     h.add_argument("--batch-size", type=positive_int, help="images per step (default 64)")
@@ -39,18 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
     h.add_argument("--momentum", type=float, help="SGD/Nesterov momentum (default 0)")
     h.add_argument("--weight-decay", type=float, help="default 0")
-    h.add_argument("--schedule", choices=SCHEDULES, help="learning rate per epoch: constant (default) or cosine (from lr towards 0)")
+    h.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning rate per epoch: constant (default) or cosine (from lr towards 0)")
     h.add_argument("--seed", type=int, help="weight init and shuffling (default 42)")
-    h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH", help="hidden layer widths (default 512 512)")
+    h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH",
+                   help="hidden layer widths (default 512 512)")
     r = p.add_argument_group("data and hardware")
     add_data_args(r)
-    r.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 where the hardware runs it fast, else fp32")
+    r.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): bf16 where the hardware runs it fast, else fp32")
     r.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
     r.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     o = p.add_argument_group("output")
-    o.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
+    o.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K",
+                   help="the train loss must fall in each of the last K epochs (default 3)")
     o.add_argument("--json", action="store_true", help="print one JSON object per epoch instead of text")
-    o.add_argument("--seeds", type=positive_int, metavar="N", help="instead: re-train with N new seeds (seed+1 .. seed+N) and report mean ± std of the final metrics; writes confirm.csv beside --config (confirm-2.csv ... if taken)")
+    o.add_argument("--seeds", type=positive_int, metavar="N",
+                   help="instead: re-train with N new seeds (seed+1 .. seed+N) and report mean ± std of the final "
+                        "metrics; writes confirm.csv beside --config (confirm-2.csv ... if taken)")
     return p
 
 
@@ -68,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def format_epoch(m: dict[str, Any], epochs: int, history: list[dict[str, Any]] | None = None) -> str:
     line = (
-        f"Epoch {m['epoch']:>3}/{epochs}  train_loss {m['train_loss']:.4f}  train_accuracy {100 * m['train_accuracy']:5.1f}%  "
+        f"Epoch {m['epoch']:>3}/{epochs}  train_loss {m['train_loss']:.4f}  "
+        f"train_accuracy {100 * m['train_accuracy']:5.1f}%  "
         f"test_loss {m['test_loss']:.4f}  test_accuracy {100 * m['test_accuracy']:5.1f}%  "
         f"[{m['epoch_seconds']:.1f} s, {m['samples_per_second']:,.0f} samples/s]"
     )
@@ -113,8 +123,9 @@ def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Dataset, devi
         if args.json:
             print(dumps(row), flush=True)
         else:
-            print(f"seed {row['seed']}: test_accuracy {100 * row['test_accuracy']:.1f}%  train_loss {row['train_loss']:.4f}  "
-                  f"test_loss {row['test_loss']:.4f}  challenge {'met' if row['challenge_met'] else 'not met'}", flush=True)
+            print(f"seed {row['seed']}: test_accuracy {100 * row['test_accuracy']:.1f}%  "
+                  f"train_loss {row['train_loss']:.4f}  test_loss {row['test_loss']:.4f}  "
+                  f"challenge {'met' if row['challenge_met'] else 'not met'}", flush=True)
 
     rows = confirm(config, data, args.seeds, challenge_window=args.challenge_window, device=device, on_run=show)
     if not args.json:

@@ -59,7 +59,8 @@ class TutorialDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module, loss_fn: nn.Module) -> tuple[float, float]:
+def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module,
+                       loss_fn: nn.Module) -> tuple[float, float]:
     """The tutorial's test_loop, minus its print."""
     model.eval()
     test_loss, correct = 0.0, 0.0
@@ -71,7 +72,8 @@ def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module
     return test_loss / len(dataloader), correct / len(dataloader.dataset)
 
 
-def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module, loss_fn: nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
     """The tutorial's train_loop, minus its print."""
     model.train()
     for batch, (X, y) in enumerate(dataloader):
@@ -126,7 +128,8 @@ def epoch_flops(data: Dataset, hidden: Sequence[int] = (512, 512), batch_size: i
     return 2.0 * (train * len(data.train_labels) + forward * len(data.test_labels))
 
 
-def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype, hidden: Sequence[int] = (512, 512)) -> Callable[[], float]:
+def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype,
+               hidden: Sequence[int] = (512, 512)) -> Callable[[], float]:
     """The epoch's matrix multiplies alone, back to back, outputs preallocated."""
     layers = gemm_shapes(math.prod(data.input_shape), hidden, data.num_classes)
     n_train, n_test = len(data.train_labels), len(data.test_labels)
@@ -134,7 +137,8 @@ def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype, hidden: Seque
     def operands(batch: int, backward: bool) -> list[Callable[[], None]]:
         calls: list[Callable[[], None]] = []
         for index, (i, o) in enumerate(layers):
-            x, w, y = torch.rand(batch, i, dtype=dtype), torch.rand(o, i, dtype=dtype), torch.empty(batch, o, dtype=dtype)
+            x, w, y = (torch.rand(batch, i, dtype=dtype), torch.rand(o, i, dtype=dtype),
+                       torch.empty(batch, o, dtype=dtype))
             calls.append(lambda x=x, w=w, y=y: torch.mm(x, w.t(), out=y))
             if backward:
                 g, dw = torch.rand(batch, o, dtype=dtype), torch.empty(o, i, dtype=dtype)
@@ -203,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Time one training epoch: the tutorial's pipeline against ours.")
     add_data_args(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per contender; the median is reported (default 3)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed epochs per contender; the median is reported (default 3)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision-check", action="store_true", help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
+    p.add_argument("--precision-check", action="store_true",
+                   help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
     return p
 
 
@@ -225,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for precision, history in runs:
             curve = " ".join(f"{m['train_loss']:.3f}" for m in history)
             last = history[-1]
-            print(f"{precision}: test_accuracy {100 * last['test_accuracy']:.2f}%  test_loss {last['test_loss']:.4f}  train_loss per epoch: {curve}")
+            print(f"{precision}: test_accuracy {100 * last['test_accuracy']:.2f}%  test_loss {last['test_loss']:.4f}  "
+                  f"train_loss per epoch: {curve}")
         (_, fp32), (_, bf16) = runs
         gap = 100 * (bf16[-1]["test_accuracy"] - fp32[-1]["test_accuracy"])
         worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(fp32, bf16))

@@ -56,7 +56,8 @@ def add_data_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     """--data, --data-root and --cache-dir, declared alike by every command."""
     parser.add_argument("--data", help=DATA_HELP)
     parser.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
-    parser.add_argument("--cache-dir", help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
+    parser.add_argument("--cache-dir",
+                        help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
 
 
 def data_overrides(args: argparse.Namespace) -> dict[str, str]:

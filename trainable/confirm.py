@@ -19,7 +19,8 @@ from trainable.fileio import atomic_write_text
 from trainable.fit import fit
 
 CONFIRM_FILE = "confirm.csv"  # written beside the configuration it confirms
-COLUMNS = ("seed", "epochs_run", "train_loss", "test_loss", "test_accuracy", "train_below_test", "still_decreasing", "challenge_met", "crossing_epoch", "diverged")
+COLUMNS = ("seed", "epochs_run", "train_loss", "test_loss", "test_accuracy", "train_below_test", "still_decreasing",
+           "challenge_met", "crossing_epoch", "diverged")
 SUMMARIZED = ("train_loss", "test_loss", "test_accuracy", "challenge_met")
 
 
@@ -82,7 +83,8 @@ def lucky_seed_check(rows: list[dict[str, Any]], searched_accuracy: float) -> st
     gap = searched_accuracy - mean
     lucky = gap > 2 * std + 0.005  # more than two spreads (and half a point) above the new seeds
     verdict = "a lucky seed: the new seeds do clearly worse" if lucky else "not a lucky seed: the new seeds reach it"
-    return f"the search's own run reached {100 * searched_accuracy:.1f}%, {100 * gap:+.1f} points from the new seeds' mean: {verdict}"
+    return (f"the search's own run reached {100 * searched_accuracy:.1f}%, {100 * gap:+.1f} points from the new seeds' "
+            f"mean: {verdict}")
 
 
 def write_confirm(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -68,7 +68,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HPTUNE_CACHE", "~/.cache/hptune")).expanduser()
 
 
-def load_dataset(source: str, data_root: str | os.PathLike[str] = "data", cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
+def load_dataset(source: str, data_root: str | os.PathLike[str] = "data",
+                 cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
     """Load `source` (a torchvision set's name, ``synthetic`` or an image-folder path) into memory.
 
     A relative path (image folder, data root) is relative to the working directory.
@@ -247,7 +248,8 @@ def _list_image_folder(root: Path) -> Listing:
             raise DataError(
                 f"{root}: no {split}/ folder; an image folder needs train/<class>/<image> and test/<class>/<image>"
             )
-        class_dirs = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+        class_dirs = sorted((e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")),
+                            key=lambda e: e.name)
         if not class_dirs:
             raise DataError(f"{split_dir}: no class folders")
         classes = []

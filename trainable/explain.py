@@ -66,9 +66,12 @@ def our_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, Any]]:
 
 
 def row(epoch: int, trainer: Trainer, last_batch: tuple[float, int] | None, epoch_mean: float) -> dict[str, Any]:
-    after_train, _, _ = evaluate(trainer.model, trainer.train_images, trainer.train_labels, autocast_dtype=trainer.amp_dtype)
-    test_loss, test_accuracy, _ = evaluate(trainer.model, trainer.test_images, trainer.test_labels, autocast_dtype=trainer.amp_dtype)
-    return {"epoch": epoch, "last_batch": last_batch, "epoch_mean": epoch_mean, "after_epoch": after_train, "test_loss": test_loss, "test_accuracy": test_accuracy}
+    after_train, _, _ = evaluate(trainer.model, trainer.train_images, trainer.train_labels,
+                                 autocast_dtype=trainer.amp_dtype)
+    test_loss, test_accuracy, _ = evaluate(trainer.model, trainer.test_images, trainer.test_labels,
+                                           autocast_dtype=trainer.amp_dtype)
+    return {"epoch": epoch, "last_batch": last_batch, "epoch_mean": epoch_mean, "after_epoch": after_train,
+            "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 
 def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
@@ -76,13 +79,15 @@ def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
     print("epoch  last-batch loss (images)  epoch-mean train loss  train loss after epoch  test loss  test accuracy")
     for r in rows:
         last = f"{r['last_batch'][0]:.4f} ({r['last_batch'][1]})" if r["last_batch"] else "-"
-        print(f"{r['epoch']:>5}  {last:>24}  {r['epoch_mean']:>21.4f}  {r['after_epoch']:>22.4f}  {r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>12.1f}%", flush=True)
+        print(f"{r['epoch']:>5}  {last:>24}  {r['epoch_mean']:>21.4f}  {r['after_epoch']:>22.4f}  "
+              f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>12.1f}%", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description="The tutorial's train/test loss puzzle, measured.")
     add_data_args(p)
-    p.add_argument("--config", metavar="YAML", help="also explain this configuration (e.g. a search's best_config.yaml)")
+    p.add_argument("--config", metavar="YAML",
+                   help="also explain this configuration (e.g. a search's best_config.yaml)")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,

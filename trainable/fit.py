@@ -148,7 +148,8 @@ def epoch_lr(config: TrainConfig, epoch: int) -> float:
 SLOW_EPOCH_FACTOR = 3.0  # an epoch this many times slower than the run's first is a stall
 
 
-def slow_epochs(history: Sequence[Mapping[str, Any]], factor: float = SLOW_EPOCH_FACTOR) -> list[tuple[int, float, float]]:
+def slow_epochs(history: Sequence[Mapping[str, Any]],
+                factor: float = SLOW_EPOCH_FACTOR) -> list[tuple[int, float, float]]:
     """(epoch, seconds, times epoch 1) for every epoch more than `factor` times slower than the
     first. Denormal floats, a swapping or shared machine: the user should see it, not wait."""
     timed = [(int(m["epoch"]), m.get("epoch_seconds")) for m in history]

@@ -31,7 +31,8 @@ def to_unit(pixels: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return pixels.to(dtype or torch.float32).div_(255)
 
 
-def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+           dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     return to_unit(images.index_select(0, idx), dtype), labels.index_select(0, idx)
 
 

@@ -43,9 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         space = Path(folder) / "space.yaml"
         # Fixed work per trial, so every run of the bench measures the same thing.
-        space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\nepochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
-        argv_search = [*data_flags(args), "--results-dir", folder, "--name", "bench", "--samples", str(args.samples), "--space", str(space),
-                       "--no-baseline", "--no-early-stop", "--cpus-per-trial", str(args.cpus_per_trial)]
+        space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\n"
+                         f"epochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
+        argv_search = [*data_flags(args), "--results-dir", folder, "--name", "bench", "--samples", str(args.samples),
+                       "--space", str(space), "--no-baseline", "--no-early-stop",
+                       "--cpus-per-trial", str(args.cpus_per_trial)]
         if args.num_cpus:
             argv_search += ["--num-cpus", str(args.num_cpus)]
         import os
@@ -66,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"{len(records)} trials, {epochs} epochs, {cpus} CPUs, {threads} thread(s) per trial")
     print(f"inside train/evaluate, over all trials:        {busy:7.1f} CPU-seconds")
-    print(f"from the call to the last trial's end:         {trained:7.1f} s wall = {trained * cpus:7.1f} CPU-seconds -> {100 * busy / (trained * cpus):.1f}% training")
-    print(f"... and to the report written, Ray shut down:  {wall:7.1f} s wall = {wall * cpus:7.1f} CPU-seconds -> {100 * busy / (wall * cpus):.1f}% training")
+    print(f"from the call to the last trial's end:         {trained:7.1f} s wall = {trained * cpus:7.1f} CPU-seconds "
+          f"-> {100 * busy / (trained * cpus):.1f}% training")
+    print(f"... and to the report written, Ray shut down:  {wall:7.1f} s wall = {wall * cpus:7.1f} CPU-seconds -> "
+          f"{100 * busy / (wall * cpus):.1f}% training")
     return 0
 
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds (default 0 1 2)")
     p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     p.add_argument("--num-cpus", type=positive_int, help="CPUs for each search's local Ray (default: all)")
-    p.add_argument("--out", default="results/compare", help="where the runs and the summary go (default results/compare)")
+    p.add_argument("--out", default="results/compare",
+                   help="where the runs and the summary go (default results/compare)")
     return p
 
 

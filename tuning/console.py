@@ -12,7 +12,8 @@ def fmt_params(config: dict[str, Any]) -> str:
     opt = config["optimizer"]
     momentum = f" momentum {config['momentum']:.2f}" if opt in ("sgd", "nesterov") and config["momentum"] else ""
     schedule = " cosine" if config.get("schedule") == "cosine" else ""
-    return f"lr {config['lr']:.2e}{schedule} batch_size {config['batch_size']} epochs {config['epochs']} {opt}{momentum} weight_decay {config['weight_decay']:.0e}"
+    return (f"lr {config['lr']:.2e}{schedule} batch_size {config['batch_size']} epochs {config['epochs']} "
+            f"{opt}{momentum} weight_decay {config['weight_decay']:.0e}")
 
 
 def fmt_result(t: TrialRecord) -> str:
@@ -29,7 +30,8 @@ def _num(value: Any) -> str:
 
 
 def verdict_text(t: TrialRecord, window: int) -> str:
-    """The challenge's verdict with its margin: 'challenge met (train_loss 0.95 < test_loss 1.24 - 0.02 (2 SE), ...)'."""
+    """The challenge's verdict with its margin:
+    'challenge met (train_loss 0.95 < test_loss 1.24 - 0.02 (2 SE), ...)'."""
     last = t.last or {}
     if t.status == ERRORED:
         return f"errored: {t.error}"
@@ -39,7 +41,8 @@ def verdict_text(t: TrialRecord, window: int) -> str:
         return "challenge not met (no result)"
     gap = challenge.gap_text(last)
     if last.get("challenge_met"):
-        return f"challenge met ({gap}, below since epoch {last['crossing_epoch']}, falling over the last {window} epochs)"
+        return (f"challenge met ({gap}, below since epoch {last['crossing_epoch']}, "
+                f"falling over the last {window} epochs)")
     if last.get("above_chance") is False:
         return f"challenge not met (test accuracy within {100 * challenge.ABOVE_CHANCE:.0f} points of chance; {gap})"
     if last.get("train_below_test"):

@@ -110,7 +110,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise ExperimentError(f"{folder}: no such experiment folder")
     path = folder / EXPERIMENT
     if not path.exists():
-        raise ExperimentError(f"{folder}: not an experiment folder (no {EXPERIMENT}; is this the folder tuning/search.py wrote?)")
+        raise ExperimentError(f"{folder}: not an experiment folder "
+                              f"(no {EXPERIMENT}; is this the folder tuning/search.py wrote?)")
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -57,14 +57,16 @@ def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: 
         if status == ERRORED:
             row["objective"] = None  # an errored trial has no result to rank
         rows.append(row)
-    columns = ["trial", "number", "rank", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy", "best_test_loss", "train_seconds", "slow_epoch", "error"]
+    columns = ["trial", "number", "rank", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy",
+               "best_test_loss", "train_seconds", "slow_epoch", "error"]
     return pd.DataFrame(rows, columns=columns).astype({"rank": "Int64"})
 
 
 def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
     """One row per trial and epoch, with the trainable's metric names."""
     columns = ["trial", "number", *METRICS, "objective"]
-    rows = [{"trial": t.trial, "number": t.number, **{c: m.get(c) for c in columns[2:]}} for t in all_trials for m in t.epochs]
+    rows = [{"trial": t.trial, "number": t.number, **{c: m.get(c) for c in columns[2:]}}
+            for t in all_trials for m in t.epochs]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -74,7 +76,8 @@ def best_config_text(experiment: Experiment, trial: TrialRecord) -> str:
     accuracy = last.get("test_accuracy")
     objective = final_objective(trial)
     lines = [
-        f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, {trial.status})",
+        f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, "
+        f"{trial.status})",
         f"objective {meta['objective']}: {objective:.4f}; test_accuracy {100 * accuracy:.1f}%"
         if accuracy is not None and objective is not None else "",
         _verdict_line(last, meta.get("challenge_window", 3)),
@@ -141,7 +144,8 @@ def export(experiment: Experiment) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m tuning.export", description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
+    parser = OneLineParser(prog="python -m tuning.export",
+                           description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
     parser.add_argument("experiment", help="results/<name>")
     args = parser.parse_args(argv)
     try:

@@ -27,7 +27,8 @@ from typing import Any
 JOURNAL = "journal.jsonl"
 
 # Trial statuses, as shown in trials.csv and the report.
-FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED = "finished", "early-stopped", "diverged", "errored", "interrupted"
+FINISHED, EARLY_STOPPED, DIVERGED, ERRORED, INTERRUPTED = (
+    "finished", "early-stopped", "diverged", "errored", "interrupted")
 STALLED = "stalled"  # stopped after its first epoch at chance level: it could not learn
 RUNNING = "running"  # shown instead of "interrupted" while the search is still going
 DONE = (FINISHED, EARLY_STOPPED, STALLED, DIVERGED, ERRORED)

@@ -37,9 +37,10 @@ def rss_mib(pid: int) -> float | None:
 
 def run(samples: int, num_cpus: int | None, folder: Path) -> tuple[int, list[tuple[int, float]], str]:
     space = folder / "space.yaml"
-    space.write_text("lr: {low: 0.001, high: 0.1, log: true}\nbatch_size: [256]\nepochs: 1\noptimizer: [sgd, nesterov, adam]\nmomentum: 0.9\n")
-    argv = [sys.executable, str(SEARCH), "--data", "synthetic", "--results-dir", str(folder), "--name", "load", "--samples", str(samples),
-            "--space", str(space), "--no-baseline", "--no-early-stop"]
+    space.write_text("lr: {low: 0.001, high: 0.1, log: true}\nbatch_size: [256]\nepochs: 1\n"
+                     "optimizer: [sgd, nesterov, adam]\nmomentum: 0.9\n")
+    argv = [sys.executable, str(SEARCH), "--data", "synthetic", "--results-dir", str(folder), "--name", "load",
+            "--samples", str(samples), "--space", str(space), "--no-baseline", "--no-early-stop"]
     if num_cpus:
         argv += ["--num-cpus", str(num_cpus)]
     log = open(folder / "search.log", "w")
@@ -73,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = pd.read_csv(folder / "load" / "trials.csv")
         journal_trials = trials(Journal(folder / "load").read())
     print(f"{args.samples}-sample search of 1-epoch trials: {wall:.0f} s")
-    print(f"trials.csv: {len(table)} rows, {table['trial'].nunique()} distinct trials, statuses {table['status'].value_counts().to_dict()}")
+    print(f"trials.csv: {len(table)} rows, {table['trial'].nunique()} distinct trials, statuses "
+          f"{table['status'].value_counts().to_dict()}")
     print(f"journal: {len(journal_trials)} trials, {sum(t.done for t in journal_trials)} ended")
     if not rss:
         print(f"{PROG}: the search ended before its memory could be sampled", file=sys.stderr)

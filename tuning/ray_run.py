@@ -145,7 +145,8 @@ def _hold(spec: str, epoch: int, most_seconds: float = 900.0) -> None:
         except FileExistsError:
             arrival += 1
     deadline = time.monotonic() + most_seconds  # never hang a forgotten test run for ever
-    while arrival >= int(free) and not os.path.exists(os.path.join(marker_dir, "release")) and time.monotonic() < deadline:
+    while (arrival >= int(free) and not os.path.exists(os.path.join(marker_dir, "release"))
+           and time.monotonic() < deadline):
         time.sleep(0.05)
 
 
@@ -237,7 +238,8 @@ def resources(args: argparse.Namespace) -> dict[str, float]:
     if args.cpus_per_trial > cpus:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: the cluster has only {cpus:g} CPUs")
     if gpus_per_trial > gpus:
-        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g}: the cluster has {gpus:g} GPUs, so no trial could ever start")
+        raise UsageError(f"--gpus-per-trial {gpus_per_trial:g}: the cluster has {gpus:g} GPUs, "
+                         "so no trial could ever start")
     return {"cpu": args.cpus_per_trial, "gpu": gpus_per_trial, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
@@ -275,7 +277,8 @@ def run_trials(
     if args.no_early_stop:
         scheduler = FIFOScheduler()
     else:
-        scheduler = ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs, grace_period=min(args.grace_period, max_epochs),
+        scheduler = ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs,
+                                        grace_period=min(args.grace_period, max_epochs),
                                         reduction_factor=args.reduction_factor)
     # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
     slots = res["cluster_cpus"] / res["cpu"]
@@ -320,7 +323,8 @@ def run_trials(
         run_config=tune.RunConfig(
             name=f"attempt-{attempt}",
             # one folder per experiment under a shared --storage, as under results/<name>/ray
-            storage_path=f"{args.storage.rstrip('/')}/{meta['name']}" if args.storage else str(experiment.folder / "ray"),
+            storage_path=(f"{args.storage.rstrip('/')}/{meta['name']}" if args.storage
+                          else str(experiment.folder / "ray")),
             callbacks=[callback],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=args.max_failures),

@@ -77,9 +77,11 @@ def curves_table(trials_df: pd.DataFrame, epochs_df: pd.DataFrame, mode: str, k:
     for rank, (_, t) in enumerate(chosen.iterrows(), start=1):
         label = f"trial {t['number']}" + (" (tutorial baseline)" if t["baseline"] else f" (#{rank})")
         for _, m in epochs_df[epochs_df["trial"] == t["trial"]].sort_values("epoch").iterrows():
-            rows.append({"label": label, "trial": t["trial"], "baseline": bool(t["baseline"]), "epoch": m["epoch"], "train_loss": m["train_loss"],
-                         "test_loss": m["test_loss"], "test_accuracy": m["test_accuracy"], "crossing_epoch": t["crossing_epoch"]})
-    return pd.DataFrame(rows, columns=["label", "trial", "baseline", "epoch", "train_loss", "test_loss", "test_accuracy", "crossing_epoch"])
+            rows.append({"label": label, "trial": t["trial"], "baseline": bool(t["baseline"]), "epoch": m["epoch"],
+                         "train_loss": m["train_loss"], "test_loss": m["test_loss"],
+                         "test_accuracy": m["test_accuracy"], "crossing_epoch": t["crossing_epoch"]})
+    return pd.DataFrame(rows, columns=["label", "trial", "baseline", "epoch", "train_loss", "test_loss",
+                                       "test_accuracy", "crossing_epoch"])
 
 
 def progress_table(trials_df: pd.DataFrame, mode: str) -> pd.DataFrame:
@@ -87,7 +89,8 @@ def progress_table(trials_df: pd.DataFrame, mode: str) -> pd.DataFrame:
     t = trials_df.sort_values("number")
     objective = t["objective"].where(t["status"] != ERRORED)
     best = (objective.cummax() if mode == "max" else objective.cummin()).ffill()  # NaN stays NaN in cummax
-    return pd.DataFrame({"number": t["number"], "objective": objective, "status": t["status"], "baseline": t["baseline"].astype(bool), "best_so_far": best}).reset_index(drop=True)
+    return pd.DataFrame({"number": t["number"], "objective": objective, "status": t["status"],
+                         "baseline": t["baseline"].astype(bool), "best_so_far": best}).reset_index(drop=True)
 
 
 def lr_table(trials_df: pd.DataFrame) -> pd.DataFrame:
@@ -134,7 +137,8 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path, window: int) -> None:
         if crossing is not None and not pd.isna(crossing):
             at = group[group["epoch"] == crossing]
             ax_loss.plot(at["epoch"], at["train_loss"], "o", color=colour, ms=8, mfc="white", mew=2)
-    ax_loss.set(title="Loss per epoch (solid: test, dashed: train; ○ train falls below test)", xlabel="epoch", ylabel="cross-entropy loss")
+    ax_loss.set(title="Loss per epoch (solid: test, dashed: train; ○ train falls below test)", xlabel="epoch",
+                ylabel="cross-entropy loss")
     ax_acc.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
     from matplotlib.ticker import MaxNLocator
 
@@ -143,7 +147,8 @@ def plot_learning_curves(curves: pd.DataFrame, path: Path, window: int) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if not curves.empty:
         ax_acc.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Best trials and the tutorial's baseline (challenge: train loss below test loss and falling over the last {window} epochs)", fontsize=10)
+    fig.suptitle("Best trials and the tutorial's baseline (challenge: train loss below test loss and falling over the "
+                 f"last {window} epochs)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
@@ -160,9 +165,11 @@ def plot_progress(progress: pd.DataFrame, path: Path, objective: str) -> None:
         ax.axvline(number, color="black", alpha=0.2, lw=1)
     baseline = progress[progress["baseline"]]
     for _, row in baseline.iterrows():
-        ax.annotate("tutorial baseline", (row["number"], row["objective"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
+        ax.annotate("tutorial baseline", (row["number"], row["objective"]), textcoords="offset points", xytext=(6, -12),
+                    fontsize=8)
     unit = " (test accuracy + 1 if the challenge is met)" if objective == "challenge" else ""
-    ax.set(title="Search progress: objective of each trial, in order", xlabel="trial number", ylabel=f"{objective}{unit}")
+    ax.set(title="Search progress: objective of each trial, in order", xlabel="trial number",
+           ylabel=f"{objective}{unit}")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -179,14 +186,17 @@ def plot_what_mattered(lrs: pd.DataFrame, study: Any, path: Path) -> None:
     sizes = sorted(lrs["batch_size"].unique()) if not lrs.empty else []
     for i, size in enumerate(sizes):
         group = lrs[lrs["batch_size"] == size]
-        ax_lr.scatter(group["lr"], 100 * group["test_accuracy"], color=colours(i % 10), s=45, label=f"batch {size}", edgecolor="black", lw=0.5)
+        ax_lr.scatter(group["lr"], 100 * group["test_accuracy"], color=colours(i % 10), s=45, label=f"batch {size}",
+                      edgecolor="black", lw=0.5)
     ax_lr.set_xscale("log")
-    ax_lr.set(title="Final test accuracy against learning rate", xlabel="learning rate (log scale)", ylabel="test accuracy (%)")
+    ax_lr.set(title="Final test accuracy against learning rate", xlabel="learning rate (log scale)",
+              ylabel="test accuracy (%)")
     ax_lr.grid(alpha=0.3, which="both")
     if sizes:
         ax_lr.legend(fontsize=8)
     if not _draw_importances(study, ax_imp):
-        ax_imp.text(0.5, 0.5, "too few completed trials\nfor parameter importances", ha="center", va="center", transform=ax_imp.transAxes)
+        ax_imp.text(0.5, 0.5, "too few completed trials\nfor parameter importances", ha="center", va="center",
+                    transform=ax_imp.transAxes)
         ax_imp.set(title="Parameter importances (Optuna)", xticks=[], yticks=[])
     fig.tight_layout()
     _save(fig, path)
@@ -204,7 +214,8 @@ def _draw_importances(study: Any, ax: Any) -> bool:
     try:
         with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna switches the global style
             warnings.simplefilter("ignore")
-            drawn = optuna.visualization.matplotlib.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+            drawn = optuna.visualization.matplotlib.plot_param_importances(
+                study, evaluator=PedAnovaImportanceEvaluator())
     except (ValueError, RuntimeError, ZeroDivisionError):
         return False
     names = [t.get_text() for t in drawn.get_yticklabels()]
@@ -234,21 +245,24 @@ def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
     baseline = trials_df[trials_df["baseline"]]
     lines = []
     if len(met):
-        lines.append(f"<p class='yes'><b>Challenge met</b> by {len(met)} of {len(trials_df)} trials: train loss below test loss and still falling over the last {meta['challenge_window']} epochs.</p>")
+        lines.append(f"<p class='yes'><b>Challenge met</b> by {len(met)} of {len(trials_df)} trials: train loss below "
+                     f"test loss and still falling over the last {meta['challenge_window']} epochs.</p>")
     else:
         lines.append(f"<p class='no'><b>Challenge not met</b> by any of the {len(trials_df)} trials.</p>")
     for _, t in best.iterrows():
         crossing = f", train below test since epoch {int(t['crossing_epoch'])}" if pd.notna(t["crossing_epoch"]) else ""
         lines.append(
             f"<p>Best: trial {t['number']} &mdash; test accuracy <b>{100 * t['test_accuracy']:.1f}%</b>, "
-            f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}{crossing} ({html.escape(fmt_params(t.to_dict()))}).</p>"
+            f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}{crossing} "
+            f"({html.escape(fmt_params(t.to_dict()))}).</p>"
         )
     for _, t in baseline.iterrows():
         if pd.isna(t["test_accuracy"]):
             continue
         met_text = "meets" if t["challenge_met"] == True else "does not meet"  # noqa: E712
         lines.append(f"<p>Tutorial baseline (trial {t['number']}): test accuracy {100 * t['test_accuracy']:.1f}%, "
-                     f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}: {met_text} the challenge.</p>")
+                     f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}: "
+                     f"{met_text} the challenge.</p>")
     if "slow_epoch" in trials_df:
         for _, t in trials_df[trials_df["slow_epoch"].notna()].iterrows():
             lines.append(f"<p class='no'>Trial {t['number']}: {html.escape(str(t['slow_epoch']))} "
@@ -332,7 +346,8 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
             + pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + "</div>"
         )
     images = "\n".join(
-        f"<figure><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></figure>" for name, data in figures.items()
+        f"<figure><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></figure>"
+        for name, data in figures.items()
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(meta['name'])}: hyperparameter search</title>
@@ -383,7 +398,8 @@ def write_report(experiment: Experiment | str | Path, top: int = 5) -> Path:
     out = exp_dir / "report"
     out.mkdir(exist_ok=True)
     study = load_study(exp_dir, meta["name"])
-    plot_learning_curves(curves_table(trials_df, epochs_df, meta["mode"], top), out / FIGURES[0], meta["challenge_window"])
+    plot_learning_curves(curves_table(trials_df, epochs_df, meta["mode"], top), out / FIGURES[0],
+                         meta["challenge_window"])
     plot_progress(progress_table(trials_df, meta["mode"]), out / FIGURES[1], meta["objective"])
     plot_what_mattered(lr_table(trials_df), study, out / FIGURES[2])
     figures = {name: (out / name).read_bytes() for name in FIGURES}

@@ -54,46 +54,66 @@ INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     s = p.add_argument_group("search")
-    s.add_argument("--samples", type=positive_int, help=f"trials in all, the baseline included (default {DEFAULT_SAMPLES}; {SMOKE_SAMPLES} with --smoke-test)")
+    s.add_argument("--samples", type=positive_int,
+                   help=f"trials in all, the baseline included "
+                        f"(default {DEFAULT_SAMPLES}; {SMOKE_SAMPLES} with --smoke-test)")
     s.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (default tpe)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0); training seeds come from the configuration")
-    s.add_argument("--space", metavar="YAML", help="search space replacing the default (same parameter names as the configuration)")
-    s.add_argument("--config", metavar="YAML", help="base configuration for everything the space does not search (default: the tutorial's)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler (default 0); training seeds come from the configuration")
+    s.add_argument("--space", metavar="YAML",
+                   help="search space replacing the default (same parameter names as the configuration)")
+    s.add_argument("--config", metavar="YAML",
+                   help="base configuration for everything the space does not search (default: the tutorial's)")
     s.add_argument("--objective", choices=list(OBJECTIVES), default=DEFAULT_OBJECTIVE,
                    help="what ASHA and Optuna steer by (default test_accuracy); the challenge is a constraint, and the "
                         "winner is the best trial that meets it")
-    s.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K", help="the train loss must fall in each of the last K epochs (default 3)")
+    s.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K",
+                   help="the train loss must fall in each of the last K epochs (default 3)")
     s.add_argument("--warm-start", metavar="EXPERIMENT",
                    help="give the new study the finished trials of an earlier experiment folder (results/<name>), "
                         "so the sampler starts from what that search learned; trials outside this space are skipped")
-    s.add_argument("--no-baseline", action="store_true", help="do not run the tutorial's configuration as the first trial")
+    s.add_argument("--no-baseline", action="store_true",
+                   help="do not run the tutorial's configuration as the first trial")
     s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
-    s.add_argument("--grace-period", type=positive_int, default=3, help="ASHA: epochs every trial gets before it can be stopped (default 3)")
-    s.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA: keep the best 1/N at each rung (default 3)")
+    s.add_argument("--grace-period", type=positive_int, default=3,
+                   help="ASHA: epochs every trial gets before it can be stopped (default 3)")
+    s.add_argument("--reduction-factor", type=float, default=3.0,
+                   help="ASHA: keep the best 1/N at each rung (default 3)")
     s.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop starting new trials after this much time")
-    s.add_argument("--smoke-test", action="store_true", help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
+    s.add_argument("--smoke-test", action="store_true",
+                   help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
     r = p.add_argument_group("resources")
     r.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial; torch threads follow (default 1)")
     r.add_argument("--gpus-per-trial", type=float,
                    help="GPU fraction per trial, at most 1: a trial trains on one device "
                    "(default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
-    r.add_argument("--max-concurrent", type=positive_int, help="at most this many trials at once (default: as resources allow)")
-    r.add_argument("--max-failures", type=non_negative_int, default=2, help="retries of a trial that raises, from its last checkpoint (default 2)")
-    r.add_argument("--num-cpus", type=positive_int, help="local cluster only: CPUs Ray may use (default: all it detects)")
-    r.add_argument("--num-gpus", type=non_negative_int, help="local cluster only: GPUs Ray may use (default: all it detects)")
+    r.add_argument("--max-concurrent", type=positive_int,
+                   help="at most this many trials at once (default: as resources allow)")
+    r.add_argument("--max-failures", type=non_negative_int, default=2,
+                   help="retries of a trial that raises, from its last checkpoint (default 2)")
+    r.add_argument("--num-cpus", type=positive_int,
+                   help="local cluster only: CPUs Ray may use (default: all it detects)")
+    r.add_argument("--num-gpus", type=non_negative_int,
+                   help="local cluster only: GPUs Ray may use (default: all it detects)")
     r.add_argument("--address", help="without it: a private local Ray, whatever else runs on this machine "
                    "($RAY_ADDRESS is ignored). auto: attach to the cluster $RAY_ADDRESS names, else the one "
                    "`ray start` last started here; HOST:PORT: attach to that head node")
-    r.add_argument("--storage", help="where Ray keeps trial checkpoints (a path or URI every node can reach; default results/<name>/ray)")
+    r.add_argument("--storage",
+                   help="where Ray keeps trial checkpoints "
+                        "(a path or URI every node can reach; default results/<name>/ray)")
     d = p.add_argument_group("data")
     add_data_args(d)
     d.add_argument("--precision", choices=PRECISIONS, help="auto (default), fp32 or bf16")
     o = p.add_argument_group("output")
     o.add_argument("--results-dir", default="results", help="where experiment folders go (default results/)")
-    o.add_argument("--name", help="experiment name (default: search-<date>-<time>); the same name resumes an interrupted search")
-    o.add_argument("--restart", action="store_true", help="start the named experiment anew; the old folder is kept as <name>.replaced-<time>")
-    o.add_argument("--top", type=positive_int, default=5, help="trials drawn in the report's learning curves (default 5)")
-    o.add_argument("--confirm-seeds", type=non_negative_int, default=0, metavar="N", help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
+    o.add_argument("--name",
+                   help="experiment name (default: search-<date>-<time>); the same name resumes an interrupted search")
+    o.add_argument("--restart", action="store_true",
+                   help="start the named experiment anew; the old folder is kept as <name>.replaced-<time>")
+    o.add_argument("--top", type=positive_int, default=5,
+                   help="trials drawn in the report's learning curves (default 5)")
+    o.add_argument("--confirm-seeds", type=non_negative_int, default=0, metavar="N",
+                   help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
     o.add_argument("--tensorboard", action="store_true",
                    help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/")
     o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live line")
@@ -136,9 +156,11 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if args.reduction_factor <= 1:
         raise UsageError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.address and args.address.startswith("ray://"):
-        raise UsageError("--address ray://...: Ray Client runs Tune on the head node, away from this folder's journal; run the search on the head node with --address auto")
+        raise UsageError("--address ray://...: Ray Client runs Tune on the head node, away from this folder's journal; "
+                         "run the search on the head node with --address auto")
     if args.address and (args.num_cpus or args.num_gpus is not None):
-        raise UsageError("--num-cpus/--num-gpus describe a local cluster; with --address the cluster's own resources are used")
+        raise UsageError("--num-cpus/--num-gpus describe a local cluster; "
+                         "with --address the cluster's own resources are used")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UsageError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if args.quiet and args.verbose:
@@ -162,7 +184,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         try:
             TrainConfig.from_dict(baseline_params(space), base=trial_config(base, space, {}))
         except ConfigError as exc:
-            raise UsageError(f"the tutorial's baseline is not a valid configuration over this base ({exc}); use --no-baseline") from None
+            raise UsageError(f"the tutorial's baseline is not a valid configuration over this base ({exc}); "
+                             "use --no-baseline") from None
     samples = args.samples or (SMOKE_SAMPLES if args.smoke_test else DEFAULT_SAMPLES)
     metric_mode = OBJECTIVES[args.objective][1]
     fingerprint = {
@@ -311,7 +334,8 @@ def summarize(experiment: Experiment, wall: float, res: dict[str, float], paths:
     busy = sum(r.get("epoch_seconds") or 0.0 for r in this_run) * max(1, math.floor(res["cpu"]))
     print()
     print(f"Search {meta['name']}: {len(all_trials)} trials ({parts}) in {wall:.0f} s; "
-          f"train/evaluate used {100 * busy / (wall * max(res['cluster_cpus'], 1)):.0f}% of {res['cluster_cpus']:g} CPUs x wall time")
+          f"train/evaluate used {100 * busy / (wall * max(res['cluster_cpus'], 1)):.0f}% "
+          f"of {res['cluster_cpus']:g} CPUs x wall time")
     met = [t for t in all_trials if experiment_mod.met(t)]
     print(f"Challenge (train loss below test loss by more than 2 standard errors, still falling, above chance): "
           f"met by {len(met)} of {len(all_trials)} trials")
@@ -323,7 +347,8 @@ def summarize(experiment: Experiment, wall: float, res: dict[str, float], paths:
             print(f"          No trial met the challenge: this is the best by {meta['objective']} alone.")
     for t in all_trials:
         if t.baseline:
-            print(f"Baseline  trial {t.number:>2} (the tutorial's configuration): {fmt_result(t)}; {verdict_text(t, window)}")
+            print(f"Baseline  trial {t.number:>2} (the tutorial's configuration): {fmt_result(t)}; "
+                  f"{verdict_text(t, window)}")
     for t in all_trials:
         if t.status == ERRORED:
             print(f"Errored   trial {t.number:>2} ({t.trial}): {t.error}")
@@ -381,7 +406,8 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
                 print(f"Resuming {experiment.name}: {sum(t.done for t in experiment.trials)} trials done, "
                       f"{len(pending)} to continue from their checkpoints, {num_samples - len(pending)} new")
             base = trial_config(plan.base, plan.space, {})  # the base with the space's fixed values
-            outcome = ray_run.run_trials(experiment, plan.space, base, fixed, pending, num_samples, data, args, res, started)
+            outcome = ray_run.run_trials(experiment, plan.space, base, fixed, pending, num_samples, data, args,
+                                         res, started)
         if outcome == "budget":
             experiment.mark("interrupted")  # before export, so trials.csv says interrupted, not running
         if started_ray:
@@ -399,13 +425,15 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
         try:
             paths["report"] = write_report(experiment, top=args.top)
         except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
-            print(f"{PROG}: warning: the report could not be drawn ({exc}); the CSV files are complete", file=sys.stderr)
+            print(f"{PROG}: warning: the report could not be drawn ({exc}); the CSV files are complete",
+                  file=sys.stderr)
         experiment.mark("finished" if outcome == "finished" else "interrupted")
     except (UsageError, DataError) as exc:
         return fail(PROG, str(exc))
     except KeyboardInterrupt:
         experiment.mark("interrupted")
-        print(f"\nInterrupted. Finished trials are kept in {plan.folder}; resume with:\n  {meta['command']}", file=sys.stderr)
+        print(f"\nInterrupted. Finished trials are kept in {plan.folder}; resume with:\n  {meta['command']}",
+              file=sys.stderr)
         return INTERRUPTED_STATUS
     except Exception as exc:  # noqa: BLE001 - keep the experiment resumable whatever went wrong
         experiment.mark("interrupted")

@@ -98,7 +98,8 @@ class StudySearcher(Searcher):
         if fixed is not None:
             if state != TrialState.FAIL and history:
                 attrs = {"baseline": True} if fixed.get(BASELINE) else {"continues": fixed.get(CONTINUES)}
-                add_finished(self.study, self.space, {**self.base, **hyperparameters(fixed)}, history, state=state, attrs=attrs)
+                add_finished(self.study, self.space, {**self.base, **hyperparameters(fixed)}, history, state=state,
+                             attrs=attrs)
             return
         trial = self.asked.pop(trial_id, None)
         if trial is None:

@@ -136,7 +136,8 @@ class Space:
                 values[p.name] = p.suggest(trial)
         return {k: v for k, v in values.items() if k not in self.fixed}
 
-    def optuna_point(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, od.BaseDistribution], list[str]]:
+    def optuna_point(
+            self, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, od.BaseDistribution], list[str]]:
         """A configuration as an Optuna trial's params and distributions, for a trial that did
         not come from the sampler (the baseline, an earlier experiment's). Parameters whose value
         the space cannot hold are left out and named in the third item."""
@@ -290,7 +291,8 @@ def _check_conditions(space: Space, source: str) -> None:
     for p in space.params:
         for key, _ in p.when:
             if key not in listed and key not in space.fixed:
-                raise SpaceError(f"{source}: {p.name}: when {key}: {key} must be a list of choices or a fixed value in this space")
+                raise SpaceError(f"{source}: {p.name}: when {key}: "
+                                 f"{key} must be a list of choices or a fixed value in this space")
     for name in space.searched:
         cases = space.cases(name)
         if len(cases) < 2:
@@ -302,7 +304,8 @@ def _check_conditions(space: Space, source: str) -> None:
         for case in cases:
             overlap = seen & set(case.when[0][1])
             if overlap:
-                raise SpaceError(f"{source}: {name}: two cases apply when {case.when[0][0]} is {sorted(map(str, overlap))[0]}")
+                raise SpaceError(f"{source}: {name}: two cases apply when {case.when[0][0]} is "
+                                 f"{sorted(map(str, overlap))[0]}")
             seen |= set(case.when[0][1])
 
 
@@ -317,7 +320,8 @@ def _check_consistent(space: Space, source: str) -> None:
         return
     momentum = [p for p in space.cases("momentum") if p.applies(nesterov)]
     if momentum:  # a continuous range hits exactly 0 with probability 0; a listed 0 does not
-        zero = any(isinstance(p.distribution, od.CategoricalDistribution) and 0 in p.distribution.choices for p in momentum)
+        zero = any(isinstance(p.distribution, od.CategoricalDistribution) and 0 in p.distribution.choices
+                   for p in momentum)
     else:
         zero = space.fixed.get("momentum", TrainConfig().momentum) == 0
     if zero:

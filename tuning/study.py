@@ -40,9 +40,11 @@ def storage_url(folder: Path) -> str:
     return f"sqlite:///{folder / STUDY_FILE}"
 
 
-def open_study(folder: Path, name: str, direction: str, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+def open_study(folder: Path, name: str, direction: str,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     storage = optuna.storages.RDBStorage(storage_url(folder))
-    return optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler, load_if_exists=True)
+    return optuna.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
+                               load_if_exists=True)
 
 
 def release_stale_trials(study: optuna.Study) -> int:
@@ -74,7 +76,8 @@ def add_finished(
             value=last.get("objective") if state == TrialState.COMPLETE else None,
             params=params,
             distributions=distributions,
-            intermediate_values={int(m["epoch"]): float(m["objective"]) for m in history if m.get("objective") is not None},
+            intermediate_values={int(m["epoch"]): float(m["objective"])
+                                 for m in history if m.get("objective") is not None},
             constraints=constraints(last),
             user_attrs=user_attrs,
         )
@@ -96,6 +99,7 @@ def warm_start(study: optuna.Study, space: Space, earlier: Experiment, objective
             continue
         history = [{**m, "objective": objective_value(m, objective)} for m in t.epochs]
         state = TrialState.COMPLETE if t.status == FINISHED else TrialState.PRUNED
-        add_finished(study, space, t.config, history, state=state, attrs={"warm_start": f"{earlier.name} trial {t.number}"})
+        add_finished(study, space, t.config, history, state=state,
+                     attrs={"warm_start": f"{earlier.name} trial {t.number}"})
         added += 1
     return added, skipped
