@@ -42,7 +42,8 @@ DRIVER = textwrap.dedent('''
         for epoch in range(start + 1, 5):
             with tempfile.TemporaryDirectory() as folder:
                 open(os.path.join(folder, "epoch"), "w").write(str(epoch))
-                tune.report({"epoch": epoch, "score": config["x"] * epoch}, checkpoint=tune.Checkpoint.from_directory(folder))
+                checkpoint = tune.Checkpoint.from_directory(folder)
+                tune.report({"epoch": epoch, "score": config["x"] * epoch}, checkpoint=checkpoint)
             if epoch == 2:  # the first two trials run through; the others wait here until released
                 n = 0
                 while True:
