@@ -56,6 +56,7 @@ def test_warm_start_from_a_folder_that_is_not_an_experiment_is_one_line_exit_2(c
     assert not (tmp_path / "results" / "x").exists()
 
 
+@pytest.mark.heavy
 def test_compare_runs_each_strategy_and_writes_the_table_and_figure(cli, tmp_path):
     out = tmp_path / "compare"
     status, stdout, err = cli(compare, ["--data", "synthetic", "--samples", "3", "--seeds", "0", "--num-cpus", "2",

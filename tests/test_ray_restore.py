@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 DRIVER = textwrap.dedent('''
     import os, sys, tempfile, time

@@ -135,6 +135,7 @@ def test_a_stale_address_file_and_ray_address_do_not_change_the_default_search(m
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_running_cluster_is_not_joined_by_the_default_search(machine, tmp_path):
     address = machine.head("--num-cpus", "1")
     # --num-cpus is refused by Ray when joining a cluster, and the head has 1 CPU, not 2
@@ -206,6 +207,7 @@ def bare_worker_env(machine: RayMachine) -> tuple[str, dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp_path):
     machine.head("--num-cpus", "0")  # the head runs no trial: every trial runs on the worker
     address = machine.address_file.read_text().strip()
@@ -227,6 +229,7 @@ def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_lost_node_costs_no_trial_and_no_epoch(machine, tmp_path):
     address = machine.head("--num-cpus", "0")
     worker_env = machine.env(RAY_AUTH_MODE="token")

@@ -293,6 +293,7 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_200_tiny_trials_are_all_accounted_for_and_driver_memory_stays_flat(tmp_path):
     from tuning.loadtest import run as load
 
