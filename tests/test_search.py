@@ -228,6 +228,15 @@ def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path, mon
     # the trials the budget stopped are not left RUNNING in the Optuna study
     study = optuna.load_study(study_name="exp", storage=f"sqlite:///{tmp_path / 'results' / 'exp' / 'optuna.db'}")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # one ranking: the summary, best_config.yaml, trials.csv and the report name the same winner,
+    # the finished trial (interrupted trials have no final result to rank)
+    winner = trials[trials["status"] == "finished"].iloc[0]
+    assert trials[trials["rank"] == 1]["trial"].tolist() == [winner["trial"]]
+    assert f"Best      trial {winner['number']:>2} ({winner['trial']})" in out
+    header = best_config_header(tmp_path / "results" / "exp")
+    assert header.startswith(f"# Best trial of experiment exp: {winner['trial']} ")
+    page = (tmp_path / "results" / "exp" / "report" / "index.html").read_text()
+    assert f"Best: trial {winner['number']} " in page
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc"])

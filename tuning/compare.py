@@ -10,6 +10,8 @@ sampler seeds, our fast trainer), so only the strategy differs:
     optuna-tpe     Optuna's default as users run it without a scheduler: TPE over our space, every
                    trial to its end
     random-asha    random search over our space, with our early stopping
+    ours-warm      with --warm-start EXPERIMENT: ours, --warm-samples trials (default half of
+                   --samples), its study given the earlier experiment's trials first
 
 Per run it reads the experiment's journal: the trial-epochs and wall seconds until some epoch
 first reached 50% and 55% test accuracy, the best final accuracy (tuning.experiment.rank) and
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds (default 0 1 2)")
     p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     p.add_argument("--num-cpus", type=positive_int, help="CPUs for each search's local Ray (default: all)")
+    p.add_argument("--warm-start", metavar="EXPERIMENT",
+                   help="also run ours-warm: our default, warm-started from this earlier experiment folder")
+    p.add_argument("--warm-samples", type=positive_int, help="trials of ours-warm (default: half of --samples)")
     p.add_argument("--out", default="results/compare",
                    help="where the runs and the summary go (default results/compare)")
     return p
@@ -73,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from tuning.search import main as search
 
-    extra = [a.format(ray_tutorial_space=out / "ray-tutorial-space.yaml") for a in STRATEGIES[strategy]]
-    argv = [*data_flags(args), "--samples", str(args.samples), "--seed", str(seed), "--results-dir", str(out / "runs"),
+    extra = [a.format(ray_tutorial_space=out / "ray-tutorial-space.yaml") for a in STRATEGIES.get(strategy, [])]
+    samples = args.samples
+    if strategy == "ours-warm":
+        samples = args.warm_samples or max(1, args.samples // 2)
+        extra = ["--warm-start", str(args.warm_start)]
+    argv = [*data_flags(args), "--samples", str(samples), "--seed", str(seed), "--results-dir", str(out / "runs"),
             "--name", f"{strategy}-seed{seed}", "--no-baseline", "--quiet", *extra]
     if args.num_cpus:
         argv += ["--num-cpus", str(args.num_cpus)]
@@ -184,10 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, f"{out}: cannot create it ({exc.strerror or exc})")
     (out / "ray-tutorial-space.yaml").write_text(RAY_TUTORIAL_SPACE)
     started = time.time()
+    strategies = [*args.strategies, *(["ours-warm"] if args.warm_start else [])]
     rows, curves = [], {}
     try:
         for seed in args.seeds:  # seed by seed, so a partial run already compares like with like
-            for strategy in args.strategies:
+            for strategy in strategies:
                 rows.append(run_strategy(strategy, seed, args, out))
                 folder = out / "runs" / f"{strategy}-seed{seed}"
                 curves.setdefault(strategy, []).append(progress(Experiment.load(folder)))

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as `python tuning/report.py`
 import numpy as np
 import pandas as pd
 
+from trainable import challenge
 from trainable.cli import OneLineParser, fail, positive_int
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_bytes, atomic_write_text
@@ -239,6 +240,14 @@ def _save(fig: Any, path: Path) -> None:
 # --- the page ----------------------------------------------------------------------------------
 
 
+def _gap(t: pd.Series) -> str:
+    """The comparison with its noise margin, as everywhere else: 'train_loss 1.2 < test_loss 1.3 - 0.02 (2 SE)'."""
+    if pd.isna(t["train_loss"]) or pd.isna(t["test_loss"]):
+        return "no finite loss"
+    se = 0.0 if pd.isna(t.get("test_loss_se")) else float(t["test_loss_se"])
+    return challenge.gap_text({"train_loss": t["train_loss"], "test_loss": t["test_loss"], "test_loss_se": se})
+
+
 def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
     met = trials_df[trials_df["challenge_met"] == True]  # noqa: E712 - NaN for trials without epochs
     best = top_trials(trials_df, meta["mode"], 1)
@@ -246,23 +255,23 @@ def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
     lines = []
     if len(met):
         lines.append(f"<p class='yes'><b>Challenge met</b> by {len(met)} of {len(trials_df)} trials: train loss below "
-                     f"test loss and still falling over the last {meta['challenge_window']} epochs.</p>")
+                     f"test loss by more than 2 standard errors of the test loss, still falling over the last "
+                     f"{meta['challenge_window']} epochs, test accuracy above chance.</p>")
     else:
-        lines.append(f"<p class='no'><b>Challenge not met</b> by any of the {len(trials_df)} trials.</p>")
+        lines.append(f"<p class='no'><b>Challenge not met</b> by any of the {len(trials_df)} trials: the best trial "
+                     f"below is the most accurate one.</p>")
     for _, t in best.iterrows():
         crossing = f", train below test since epoch {int(t['crossing_epoch'])}" if pd.notna(t["crossing_epoch"]) else ""
         lines.append(
             f"<p>Best: trial {t['number']} &mdash; test accuracy <b>{100 * t['test_accuracy']:.1f}%</b>, "
-            f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}{crossing} "
-            f"({html.escape(fmt_params(t.to_dict()))}).</p>"
+            f"{html.escape(_gap(t))}{crossing} ({html.escape(fmt_params(t.to_dict()))}).</p>"
         )
     for _, t in baseline.iterrows():
         if pd.isna(t["test_accuracy"]):
             continue
         met_text = "meets" if t["challenge_met"] == True else "does not meet"  # noqa: E712
         lines.append(f"<p>Tutorial baseline (trial {t['number']}): test accuracy {100 * t['test_accuracy']:.1f}%, "
-                     f"train loss {t['train_loss']:.4f} vs test loss {t['test_loss']:.4f}: "
-                     f"{met_text} the challenge.</p>")
+                     f"{html.escape(_gap(t))}: {met_text} the challenge.</p>")
     if "slow_epoch" in trials_df:
         for _, t in trials_df[trials_df["slow_epoch"].notna()].iterrows():
             lines.append(f"<p class='no'>Trial {t['number']}: {html.escape(str(t['slow_epoch']))} "
