@@ -268,7 +268,8 @@ def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.heavy)],
+                         ids=["SIGKILL", "Ctrl-C"])
 def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig):
     argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
             "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
