@@ -7,7 +7,6 @@ process group: never `ray stop`, which would stop every Ray of the machine's use
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import math
 import os
 import shlex
@@ -21,7 +20,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from tuning import export as export_mod
 from tuning import tboard
 from tuning.console import fmt_params, fmt_result, verdict_text
 from tuning.experiment import Experiment, ExperimentError
-from tuning.journal import DIVERGED, DONE, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, STALLED, Journal
+from tuning.journal import DIVERGED, DONE, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, STALLED
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from tuning.report import write_report
 from tuning.space import Space, SpaceError, default_space, load_space, trial_config
