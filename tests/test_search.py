@@ -112,6 +112,23 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     assert all(any(k.startswith("constraints") for k in t.system_attrs) for t in study.trials)
 
 
+def test_asha_judges_each_trial_at_the_same_share_of_its_own_schedule(cli, tmp_path):
+    # The default rungs are by schedule progress: with --grace-period 50%, a 2-epoch trial is
+    # judged after epoch 1 and a 4-epoch trial after epoch 2, never a 4-epoch trial at epoch 1.
+    # One trial at a time, so rungs fill in the seeded sampler's order; learning rates over two
+    # decades give rung values far apart, so some trials fall below the rung's median.
+    space = ("lr: {low: 3.0e-4, high: 0.03, log: true}\nbatch_size: [128]\nepochs: [2, 4]\noptimizer: [nesterov]\n"
+             "momentum: 0.9\n")
+    status, _, err = run(cli, tmp_path, "--samples", "8", "--space", space_file(tmp_path, space), "--no-baseline",
+                         "--max-concurrent", "1", "--sampler", "random", "--grace-period", "50%",
+                         "--reduction-factor", "2")
+    assert status == 0, err
+    trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
+    stopped = trials[trials["status"] == "early-stopped"]
+    assert set(stopped["epochs"]) == {2, 4}  # both lengths were judged
+    assert (stopped["epochs_run"] * 2 == stopped["epochs"]).all(), stopped[["epochs", "epochs_run"]]
+
+
 def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path):
     # One logical GPU (no CUDA needed): scheduling is what is tested.
     space = "lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 3\noptimizer: [sgd]\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -98,6 +99,31 @@ def flush_denormals(device: torch.device) -> None:
         return
     torch.set_flush_denormal(True)
     _on_every_omp_thread(lambda: torch.set_flush_denormal(True))
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    Every training step frees and reallocates the same few megabytes (the weight gradients, the
+    bf16 copies of the weights, activations). glibc serves blocks that large with a fresh `mmap`
+    and returns them on free, so each step touches new pages: about 600 page faults a step at
+    batch 64, some 15-20% of a CPU step. With the thresholds raised, freed memory stays in the
+    process and the next step reuses it. Process-wide; returns False where it cannot be set
+    (not glibc). Numerics are untouched.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl has no mallopt)
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # 32 MiB: the largest threshold glibc itself would reach; trimming only above 1 GiB free
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def _on_every_omp_thread(action: Callable[[], object]) -> None:
@@ -198,6 +224,8 @@ class Trainer:
         self.device = select_device() if device is None else torch.device(device)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         flush_denormals(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.challenge_window = challenge_window
         self.classes = data.num_classes
         torch.manual_seed(config.seed)

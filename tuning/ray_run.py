@@ -60,6 +60,17 @@ class SearchIncomplete(RuntimeError):
     """Tune returned with trials still to run."""
 
 
+def make_asha(grace: Any, reduction_factor: float, max_epochs: int) -> ASHAKeepingBaseline:
+    """ASHA with rungs by share of each trial's schedule (`grace.time_attr == "progress"`: a
+    20-epoch cosine trial is judged at epoch 5 beside a 8-epoch one at epoch 2, both a quarter
+    through their schedules) or by epoch (Ray Tune's examples: every trial judged at epoch N)."""
+    if grace.time_attr == "progress":
+        return ASHAKeepingBaseline(time_attr="progress", max_t=1.0, grace_period=grace.value,
+                                   reduction_factor=reduction_factor)
+    return ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs, grace_period=min(grace.value, max_epochs),
+                               reduction_factor=reduction_factor)
+
+
 # --- the trial -----------------------------------------------------------------------------
 
 
@@ -105,6 +116,7 @@ def train_trial(
         if inject_fault:
             _inject_fault(inject_fault, metrics["epoch"], config)
         metrics["objective"] = objective_value(metrics, objective)
+        metrics["progress"] = metrics["epoch"] / config.epochs  # ASHA's rungs by share of the schedule
         metrics["data_device"] = str(trainer.train_images.device)  # where the data set lives (CPU or the GPU)
         metrics["stalled"] = stop_stalled and not params.get(BASELINE) and stalled(trainer.history, data.num_classes)
         with tempfile.TemporaryDirectory() as folder:
@@ -277,9 +289,7 @@ def run_trials(
     if args.no_early_stop:
         scheduler = FIFOScheduler()
     else:
-        scheduler = ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs,
-                                        grace_period=min(args.grace_period, max_epochs),
-                                        reduction_factor=args.reduction_factor)
+        scheduler = make_asha(args.grace_period, args.reduction_factor, max_epochs)
     # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
     slots = res["cluster_cpus"] / res["cpu"]
     if res["gpu"] > 0:

@@ -49,6 +49,37 @@ DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
 INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
 
 
+DEFAULT_GRACE = "25%"
+
+
+@dataclass(frozen=True)
+class Grace:
+    """ASHA's first rung: a share of each trial's schedule (`progress`), or a number of epochs."""
+
+    time_attr: str  # "progress" (epoch / epochs, 0..1) or "epoch"
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.time_attr == "progress" else f"{self.value:g}"
+
+
+def grace_period(text: str | Grace) -> Grace:
+    """argparse type of --grace-period: "25%" (of each trial's schedule) or "3" (epochs)."""
+    if isinstance(text, Grace):
+        return text
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100
+            if 0 < share < 1:
+                return Grace("progress", share)
+        elif int(text) >= 1:
+            return Grace("epoch", int(text))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a share of the schedule such as 25% (above 0, below 100) "
+                                     f"or a whole number of epochs, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     s = p.add_argument_group("search")
@@ -73,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-baseline", action="store_true",
                    help="do not run the tutorial's configuration as the first trial")
     s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
-    s.add_argument("--grace-period", type=positive_int, default=3,
-                   help="ASHA: epochs every trial gets before it can be stopped (default 3)")
+    s.add_argument("--grace-period", type=grace_period, default=DEFAULT_GRACE, metavar="P%|N",
+                   help="ASHA's first rung: P%% of each trial's own schedule (default 25%%; later rungs at P%% times "
+                        "the reduction factor, so trials are compared at the same point of their schedules, before "
+                        "or after annealing alike), or N epochs (rungs by epoch, as in Ray Tune's examples)")
     s.add_argument("--reduction-factor", type=float, default=3.0,
-                   help="ASHA: keep the best 1/N at each rung (default 3)")
+                   help="ASHA: keep the best 1/F at each rung (default 3)")
     s.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop starting new trials after this much time")
     s.add_argument("--smoke-test", action="store_true",
                    help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
