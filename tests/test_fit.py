@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -139,8 +140,6 @@ import trainable.fit
 from trainable.config import TrainConfig
 from trainable.data import make_synthetic
 from trainable.loops import train_epoch
-if sys.argv[2] == "control":  # the same Trainer without its malloc setting
-    trainable.fit.keep_freed_memory = lambda: False
 torch.set_num_threads(2)
 # a CIFAR-sized test split: building it leaves the heap as a real data set does
 data = make_synthetic(seed=0, n_train=6400, n_test=10000)
@@ -162,11 +161,12 @@ def test_training_steps_reuse_memory_instead_of_faulting_in_new_pages(precision)
     Counted, not timed, in fresh processes: the Trainer without its malloc setting, then with."""
     import subprocess
 
-    def faults_per_step(setup: str) -> list[float]:
-        run = [sys.executable, "-c", PAGE_FAULTS, precision, setup]
-        return [float(v) for v in subprocess.run(run, capture_output=True, text=True, check=True).stdout.split()]
+    def faults_per_step(keep: str) -> list[float]:
+        run = [sys.executable, "-c", PAGE_FAULTS, precision]
+        env = {**os.environ, "HPTUNE_KEEP_FREED_MEMORY": keep}  # "0": the same Trainer, malloc as it was
+        return [float(v) for v in subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout.split()]
 
-    control, ours = faults_per_step("control"), faults_per_step("trainer")
+    control, ours = faults_per_step("0"), faults_per_step("1")
     assert control[0] > 500, control  # the problem, reproduced
     assert ours[0] < 200 and ours[1] < 10, (control, ours)
 

@@ -116,7 +116,12 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "results" / "example"
 MACHINE_ROOTS = ("/work/", "/home/", "/root/", "/tmp/", "/Users/", "/mnt/", "/srv/", "/opt/", "/var/", "C:\\")
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(EXAMPLE).as_posix() for p in EXAMPLE.rglob("*") if p.is_file()))
+# what is committed: Ray's checkpoint folder stays on the machine that ran the search (.gitignore)
+COMMITTED = sorted(p.relative_to(EXAMPLE).as_posix() for p in EXAMPLE.rglob("*")
+                   if p.is_file() and p.relative_to(EXAMPLE).parts[0] != "ray")
+
+
+@pytest.mark.parametrize("path", COMMITTED)
 def test_the_committed_example_holds_no_absolute_path(path):
     data = (EXAMPLE / path).read_bytes()
     assert [root for root in MACHINE_ROOTS if root.encode() in data] == []

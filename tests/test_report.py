@@ -83,8 +83,8 @@ def tables(exp):
 def test_top_k_is_best_objective_first_without_errored(hand_made):
     trials, _ = tables(hand_made)
     # the two meeting the challenge first (most accurate first), then the others by accuracy
-    assert top_trials(trials, "max", 3)["trial"].tolist() == ["b", "f", "c"]
-    assert top_trials(trials, "max", 10)["trial"].tolist() == ["b", "f", "c", "a"]  # not diverged d, errored e
+    assert top_trials(trials, 3)["trial"].tolist() == ["b", "f", "c"]
+    assert top_trials(trials, 10)["trial"].tolist() == ["b", "f", "c", "a"]  # not diverged d, errored e
 
 
 def test_curves_are_the_top_trials_and_the_baseline(hand_made):

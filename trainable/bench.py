@@ -15,14 +15,22 @@ is everything else (the optimizer's updates, gathering batches, the loss, Python
 
     python -m trainable.bench --data data/cifar10-jpeg --repeats 3
     python -m trainable.bench --data data/cifar10-jpeg --precision-check   # bf16 vs fp32 accuracy
+    python -m trainable.bench --data data/cifar10-jpeg --first-epochs      # malloc kept vs not
+
+--first-epochs times what a trial's first epochs cost in a fresh process: `python -m trainable
+--epochs 2 --json`, alternately with glibc's malloc as it is ($HPTUNE_KEEP_FREED_MEMORY=0) and
+as the trainer sets it (freed memory kept for reuse), repeated; the medians of epoch 1 and 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,10 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainable.cli import OneLineParser, add_data_args, fail, positive_int
+from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer, autocast_dtype, fast_bf16, fit, flush_denormals
+from trainable.fit import KEEP_FREED_MEMORY_ENV, Trainer, autocast_dtype, fast_bf16, fit, flush_denormals
 from trainable.model import build_model
 
 PROG = "python -m trainable.bench"
@@ -246,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--precision-check", action="store_true",
                    help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
+    p.add_argument("--first-epochs", action="store_true",
+                   help="instead: epochs 1 and 2 of fresh `python -m trainable` processes, with and without "
+                        "the trainer's malloc setting, alternating (--repeats each)")
     return p
 
 
@@ -260,6 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, str(exc))
     bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
     print(f"{data!r}; {cpu_name()} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if args.first_epochs:
+        medians = first_epochs(data_flags(args), args.batch_size, args.repeats, args.threads)
+        print(f"epochs 1 and 2 of a fresh `python -m trainable` process at batch {args.batch_size}, "
+              f"median of {args.repeats}:")
+        (base_name, base), (name, ours) = medians.items()
+        for label, (one, two) in medians.items():
+            print(f"  {label:<42} epoch 1 {one:6.2f} s   epoch 2 {two:6.2f} s")
+        print(f"speed-up of keeping freed memory: epoch 1 {base[0] / ours[0]:.2f}x, epoch 2 {base[1] / ours[1]:.2f}x")
+        return 0
     if args.precision_check:
         runs = precision_check(data)
         for precision, history in runs:
@@ -275,6 +295,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     medians = speed(data, args.batch_size, args.repeats)
     print_speed(medians, data, args.batch_size, args.repeats)
     return 0
+
+
+def first_epochs(data_args: list[str], batch_size: int, repeats: int,
+                 threads: int | None) -> dict[str, tuple[float, float]]:
+    """Median seconds of epochs 1 and 2 of fresh `python -m trainable` processes, with glibc's
+    malloc as it is and as the trainer sets it, alternating."""
+    command = [sys.executable, "-m", "trainable", *data_args, "--batch-size", str(batch_size), "--epochs", "2",
+               "--json", *(["--threads", str(threads)] if threads else [])]
+    contenders = {"malloc as glibc has it (HPTUNE_KEEP_FREED_MEMORY=0)": "0", "ours (freed memory kept)": "1"}
+    seconds: dict[str, list[list[float]]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, keep in contenders.items():
+            env = {**os.environ, KEEP_FREED_MEMORY_ENV: keep}
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            seconds[name].append([json.loads(line)["epoch_seconds"] for line in out.splitlines()])
+    return {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+            for name, runs in seconds.items()}
 
 
 def print_speed(medians: dict[str, float], data: Dataset, batch_size: int, repeats: int) -> None:

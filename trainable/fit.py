@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 import time
 import warnings
@@ -101,6 +102,7 @@ def flush_denormals(device: torch.device) -> None:
     _on_every_omp_thread(lambda: torch.set_flush_denormal(True))
 
 
+KEEP_FREED_MEMORY_ENV = "HPTUNE_KEEP_FREED_MEMORY"  # "0": leave malloc as it is (for the bench's baseline)
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -113,9 +115,9 @@ def keep_freed_memory() -> bool:
     and returns them on free, so each step touches new pages: about 600 page faults a step at
     batch 64, some 15-20% of a CPU step. With the thresholds raised, freed memory stays in the
     process and the next step reuses it. Process-wide; returns False where it cannot be set
-    (not glibc). Numerics are untouched.
+    (not glibc), or when $HPTUNE_KEEP_FREED_MEMORY is 0. Numerics are untouched.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV) == "0":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

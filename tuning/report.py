@@ -65,14 +65,14 @@ def read_tables(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
     return trials_df, export_mod.epochs_table(experiment.trials)
 
 
-def top_trials(trials_df: pd.DataFrame, mode: str, k: int) -> pd.DataFrame:
+def top_trials(trials_df: pd.DataFrame, k: int) -> pd.DataFrame:
     """The k best rows by their `rank` (tuning.experiment.rank), best first."""
     return trials_df[trials_df["rank"].notna()].sort_values("rank").head(k)
 
 
 def curves_table(trials_df: pd.DataFrame, epochs_df: pd.DataFrame, mode: str, k: int) -> pd.DataFrame:
     """Per-epoch losses and accuracy of the top k trials and the baseline, labelled for a legend."""
-    chosen = top_trials(trials_df, mode, k)
+    chosen = top_trials(trials_df, k)
     chosen = pd.concat([chosen, trials_df[trials_df["baseline"] & ~trials_df["trial"].isin(chosen["trial"])]])
     rows = []
     for rank, (_, t) in enumerate(chosen.iterrows(), start=1):
@@ -250,7 +250,7 @@ def _gap(t: pd.Series) -> str:
 
 def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
     met = trials_df[trials_df["challenge_met"] == True]  # noqa: E712 - NaN for trials without epochs
-    best = top_trials(trials_df, meta["mode"], 1)
+    best = top_trials(trials_df, 1)
     baseline = trials_df[trials_df["baseline"]]
     lines = []
     if len(met):
@@ -324,7 +324,7 @@ def trials_table_html(trials_df: pd.DataFrame, mode: str) -> str:
     shown = trials_df.sort_values(["rank", "number"], na_position="last")  # the ranking: tuning.experiment.rank
     columns = [c for c in TABLE_FIRST if c in shown]
     columns += [c for c in shown if c not in TABLE_FIRST and c not in TABLE_HIDDEN]
-    best = top_trials(trials_df, mode, 1)["trial"].tolist()
+    best = top_trials(trials_df, 1)["trial"].tolist()
     text = {c for c in columns if not pd.api.types.is_numeric_dtype(shown[c]) or pd.api.types.is_bool_dtype(shown[c])}
     head = "".join(
         f"<th scope='col'{' class=text' if c in text else ''} title='click to sort'>{html.escape(c)}</th>"
@@ -347,7 +347,7 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
     confirm_file = exp_dir / CONFIRM_FILE
     if confirm_file.exists():
         rows = read_confirm(confirm_file)
-        best = top_trials(trials_df, meta["mode"], 1)
+        best = top_trials(trials_df, 1)
         check = lucky_seed_check(rows, float(best["test_accuracy"].iloc[0])) if len(best) else ""
         confirm_html = (
             f"<h2>Confirmed with new seeds</h2><p>The best configuration re-trained: {html.escape(describe(rows))}.</p>"
