@@ -214,8 +214,9 @@ def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp
     machine.ray_start("--address", address, "--num-cpus", "2", python=python, env=env)
     storage = tmp_path / "shared"
     # the driver as a user on the head node types it, from a folder outside the repository
-    result = machine.search(["--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline", "--space",
-                             space(tmp_path),
+    # --no-early-stop: both trials run to their end, whatever ASHA would make of two trials
+    result = machine.search(["--address", "auto", "--data", "synthetic", "--samples", "2", "--no-baseline",
+                             "--no-early-stop", "--space", space(tmp_path),
                              "--storage", str(storage), "--results-dir", str(tmp_path / "results"), "--name", "c"],
                             cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
