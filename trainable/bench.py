@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"median of {args.repeats}:")
         (base_name, base), (name, ours) = medians.items()
         for label, (one, two) in medians.items():
-            print(f"  {label:<42} epoch 1 {one:6.2f} s   epoch 2 {two:6.2f} s")
+            print(f"  {label:<52} epoch 1 {one:6.2f} s   epoch 2 {two:6.2f} s")
         print(f"speed-up of keeping freed memory: epoch 1 {base[0] / ours[0]:.2f}x, epoch 2 {base[1] / ours[1]:.2f}x")
         return 0
     if args.precision_check:
