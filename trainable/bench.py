@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         medians = first_epochs(data_flags(args), args.batch_size, args.repeats, args.threads)
         print(f"epochs 1 and 2 of a fresh `python -m trainable` process at batch {args.batch_size}, "
               f"median of {args.repeats}:")
-        (base_name, base), (name, ours) = medians.items()
+        base, ours = medians.values()
         for label, (one, two) in medians.items():
             print(f"  {label:<52} epoch 1 {one:6.2f} s   epoch 2 {two:6.2f} s")
         print(f"speed-up of keeping freed memory: epoch 1 {base[0] / ours[0]:.2f}x, epoch 2 {base[1] / ours[1]:.2f}x")

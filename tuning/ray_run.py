@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -44,6 +44,9 @@ from tuning.searcher import BASELINE, CONTINUES, ASHAKeepingBaseline, StudySearc
 from tuning.space import Space
 from tuning.study import make_sampler, open_study, release_stale_trials, warm_start
 
+if TYPE_CHECKING:
+    from tuning.search import Grace  # the parsed --grace-period (search.py imports this module)
+
 STATE_FILE = "state.pt"
 # Read by the search driver (not the workers) and handed to every trial: tests use it to make
 # trials raise. "EPOCH:TIMES:MARKER_DIR[:KEY=VALUE]": at EPOCH, the first TIMES times a trial gets
@@ -60,7 +63,7 @@ class SearchIncomplete(RuntimeError):
     """Tune returned with trials still to run."""
 
 
-def make_asha(grace: Any, reduction_factor: float, max_epochs: int) -> ASHAKeepingBaseline:
+def make_asha(grace: Grace, reduction_factor: float, max_epochs: int) -> ASHAKeepingBaseline:
     """ASHA with rungs by share of each trial's schedule (`grace.time_attr == "progress"`: a
     20-epoch cosine trial is judged at epoch 5 beside a 8-epoch one at epoch 2, both a quarter
     through their schedules) or by epoch (Ray Tune's examples: every trial judged at epoch N)."""

@@ -59,14 +59,9 @@ class Grace:
     time_attr: str  # "progress" (epoch / epochs, 0..1) or "epoch"
     value: float
 
-    def __str__(self) -> str:
-        return f"{self.value * 100:g}%" if self.time_attr == "progress" else f"{self.value:g}"
 
-
-def grace_period(text: str | Grace) -> Grace:
+def grace_period(text: str) -> Grace:
     """argparse type of --grace-period: "25%" (of each trial's schedule) or "3" (epochs)."""
-    if isinstance(text, Grace):
-        return text
     try:
         if text.endswith("%"):
             share = float(text[:-1]) / 100
