@@ -12,9 +12,10 @@ from tuning.space import DEFAULT_SPACE, SpaceError, default_space, load_space, p
 
 def test_default_space_searches_every_tutorial_hyperparameter():
     space = default_space()
-    assert set(space.searched) == set(DEFAULT_SPACE)
+    assert set(space.searched) == set(DEFAULT_SPACE) - {"schedule"}
+    assert space.fixed == {"schedule": "cosine"}  # every trial anneals its lr (why: README)
     (batch,) = space.cases("batch_size")
-    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(6, 9)
+    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(6, 8)
     assert isinstance(space.cases("epochs")[0].distribution, od.IntDistribution)
 
 
@@ -36,8 +37,8 @@ def test_default_space_is_define_by_run():
     for s in samples:
         sgd = s["optimizer"] in ("sgd", "nesterov")
         assert ("momentum" in s) == sgd
-        assert (1e-3 <= s["lr"] <= 0.1) if sgd else (1e-4 <= s["lr"] <= 5e-3)
-        assert s["batch_size"] in (64, 128, 256, 512)
+        assert (5e-3 <= s["lr"] <= 0.15) if sgd else (1e-4 <= s["lr"] <= 2e-3)
+        assert s["batch_size"] in (64, 128, 256)
         TrainConfig.from_dict(s)  # every sample is a valid configuration
 
 
@@ -45,14 +46,19 @@ def test_a_configuration_outside_the_space_keeps_what_it_can():
     space = default_space()
     tutorial = TrainConfig().to_dict()  # SGD without momentum or weight decay
     params, distributions, skipped = space.optuna_point(tutorial)
-    assert sorted(skipped) == ["momentum", "weight_decay"]  # 0 is outside their ranges
-    assert params == {"optimizer": "sgd", "lr": 1e-3, "batch_size_log2": 6, "epochs": 10, "schedule": "constant"}
+    # lr 1e-3 is under the SGD family's range, 0 outside momentum's and weight decay's, and the
+    # space fixes the schedule to cosine where the tutorial keeps lr constant
+    assert sorted(skipped) == ["lr", "momentum", "schedule", "weight_decay"]
+    assert params == {"optimizer": "sgd", "batch_size_log2": 6, "epochs": 10}
     assert set(distributions) == set(params)
+    inside = {**tutorial, "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"}
+    params, _, skipped = space.optuna_point(inside)
+    assert skipped == [] and params["lr"] == 0.02 and "schedule" not in params  # fixed: not a parameter
 
 
 def test_smoke_space_leaves_epochs_to_the_base_configuration():
     space = default_space(smoke_test=True)
-    assert "epochs" not in space.names and set(space.searched) == set(DEFAULT_SPACE) - {"epochs"}
+    assert "epochs" not in space.names and set(space.searched) == set(DEFAULT_SPACE) - {"epochs", "schedule"}
 
 
 def test_user_space_from_yaml(tmp_path):
