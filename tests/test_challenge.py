@@ -113,4 +113,17 @@ def test_a_trial_at_chance_with_a_flat_loss_after_two_epochs_is_stalled():
     slow = [dead[0], {"epoch": 2, "test_accuracy": 0.105, "test_loss": 2.28}]  # near chance, but the loss falls
     assert not stalled(slow, classes=10)
     assert not stalled([dead[0], {**dead[1], "test_accuracy": 0.127}], classes=10)  # above chance
-    assert not stalled(dead[:1], classes=10) and not stalled([*dead, dead[1]], classes=10)  # judged once, at epoch 2
+    assert not stalled(dead[:1], classes=10)  # one epoch tells nothing yet
+
+
+def test_a_trial_that_learned_then_collapsed_to_chance_is_stalled_two_epochs_later():
+    # Measured on CIFAR-10 (Nesterov, lr 0.10, momentum 0.96): 16.3% after epoch 1, then 10.0% with
+    # the loss at ln 10; before, it ran on at 10% for 10 more epochs until ASHA's last rung.
+    learned = {"epoch": 1, "test_accuracy": 0.163, "test_loss": 2.1326}
+    collapsed = [{"epoch": 2, "test_accuracy": 0.10, "test_loss": 2.3054},
+                 {"epoch": 3, "test_accuracy": 0.10, "test_loss": 2.3042}]
+    assert not stalled([learned, collapsed[0]], classes=10)  # one epoch at chance: it may recover
+    assert stalled([learned, *collapsed], classes=10)
+    recovering = [learned, collapsed[0], {"epoch": 3, "test_accuracy": 0.11, "test_loss": 2.25}]
+    assert not stalled(recovering, classes=10)  # back at chance, but its loss falls again
+    assert not stalled([*collapsed, {"epoch": 4, "test_accuracy": 0.21, "test_loss": 2.05}], classes=10)

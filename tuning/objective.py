@@ -24,10 +24,12 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
 DEFAULT_OBJECTIVE = "test_accuracy"
 # What a diverged run is told to the searcher as: worse than any real result, but finite.
 WORST = {"max": -1.0, "min": 1e9}
-# A trial that after two epochs is still within STALL_MARGIN of chance accuracy and whose test
-# loss did not fall by STALL_LOSS_DROP from its first epoch has learned nothing and cannot: it
-# is stopped as "stalled" (the default space's dead corners sit at exactly 10.0% with a flat
-# loss of ln 10). A slow learner still near chance but with a falling loss runs on.
+# A trial whose last two epochs are within STALL_MARGIN of chance accuracy, with a test loss that
+# did not fall by STALL_LOSS_DROP from the first of them to the second, has learned nothing and
+# cannot: it is stopped as "stalled" (the default space's dead corners sit at exactly 10.0% with a
+# flat loss of ln 10). This is judged after every epoch from the second on, so a trial that learned
+# in its first epoch and then collapsed to chance (high lr with high momentum) stops too, instead
+# of running on at 10% until ASHA's last rung. A slow learner near chance with a falling loss runs on.
 STALL_MARGIN = 0.02
 STALL_LOSS_DROP = 0.005
 STALL_EPOCH = 2
@@ -59,13 +61,14 @@ def constraints(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def stalled(history: Sequence[Mapping[str, Any]], classes: int) -> bool:
-    """At chance level with a flat (or non-finite) test loss after its first two epochs."""
-    if len(history) != STALL_EPOCH:
+    """Its last two epochs at chance level with a flat (or non-finite) test loss."""
+    if len(history) < STALL_EPOCH:
         return False
+    recent = history[-STALL_EPOCH:]
     chance = 1.0 / classes + STALL_MARGIN
-    if any(m.get("test_accuracy") is None or m["test_accuracy"] >= chance for m in history):
+    if any(m.get("test_accuracy") is None or m["test_accuracy"] >= chance for m in recent):
         return False
-    first, last = (m.get("test_loss") for m in history)
+    first, last = (recent[0].get("test_loss"), recent[-1].get("test_loss"))
     if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)):
         return True
     return last > first - STALL_LOSS_DROP

@@ -4,8 +4,9 @@ The trial is the same Trainer as `python -m trainable`. Per epoch it calls `tune
 epoch's metrics (plus `objective`, the scalar the search steers by) and a checkpoint holding
 model, optimizer and history. A trial restarted by Tune (after a failure) or continued by a
 resumed search picks up from its checkpoint at the next epoch, and reports `epoch` as the epoch
-number, so the scheduler counts epochs, not restarts. A trial still at chance level with a flat
-test loss after two epochs stops there as `stalled` (unless early stopping is off).
+number, so the scheduler counts epochs, not restarts. A trial whose last two epochs sit at chance
+level with a flat test loss stops there as `stalled` (unless early stopping is off): after its
+second epoch if it never learned, or two epochs after it collapsed if it learned and then died.
 
 The data set is loaded once by the driver and reaches every trial through Ray's object store
 (`tune.with_parameters`). Without --address the search starts a private local Ray on loopback,
