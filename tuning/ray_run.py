@@ -18,13 +18,16 @@ two modules that import Ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -238,8 +241,27 @@ def start_ray(args: argparse.Namespace, address: str | None = None) -> bool:
               f"{cluster.get('GPU', 0):g} GPUs; trainable/ and tuning/ are shipped to them", flush=True)
     else:
         # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
-        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)
+        with daemons_ignoring_ctrl_c():
+            ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus, **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def daemons_ignoring_ctrl_c() -> Iterator[None]:
+    """Start Ray's local daemons with SIGINT ignored (children inherit an ignored signal).
+
+    They run in the driver's process group, so Ctrl-C in a terminal reaches the GCS server and the
+    raylet as well as the driver; when they died of it first, the driver's clean-up talked to a
+    dead GCS and could hang for minutes instead of saving the experiment and printing how to
+    resume. The driver keeps its own Ctrl-C handling and stops the daemons itself (`stop_ray`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be changed from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stop_ray() -> None:
