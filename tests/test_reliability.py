@@ -279,9 +279,14 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     # Two trials run to their end; every later one waits after its epoch 3 (checkpointed), so the
     # search is mid-way when the signal comes however fast or slow the machine is.
     proc = start(tmp_path, argv, env={HOLD_ENV: f"3:2:{markers}"})
-    wait_until_mid_search(exp, proc)
-    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-    status = proc.wait(timeout=120)
+    try:
+        wait_until_mid_search(exp, proc)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        status = proc.wait(timeout=120)
+    finally:  # a driver that did not exit must not leave its Ray (and held trials) behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     log = (tmp_path / "first-run.log").read_text()
     if sig == signal.SIGINT:
         assert status == 130 and "resume with:" in log and "--name r" in log, log
