@@ -282,7 +282,11 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     try:
         wait_until_mid_search(exp, proc)
         os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-        status = proc.wait(timeout=120)
+        try:
+            status = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the driver did not exit within 120 s of the signal; its output:\n"
+                                 + (tmp_path / "first-run.log").read_text()[-4000:]) from None
     finally:  # a driver that did not exit must not leave its Ray (and held trials) behind
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -310,3 +314,44 @@ def test_200_tiny_trials_are_all_accounted_for_and_driver_memory_stays_flat(tmp_
     early = next(r for n, r in rss if n >= 50)
     # Every trial gets the data through Ray's object store: a copy per trial would add GBs here.
     assert max(r for _, r in rss) - early < 150, rss
+
+
+SWALLOWS_FIRST_CTRL_C = """
+import sys, time
+from pathlib import Path
+from tuning.ctrl_c import delivered_until_handled
+
+with delivered_until_handled(every=0.2) as interrupt:
+    try:
+        Path(sys.argv[1]).write_text("ready")
+        try:
+            while True:
+                time.sleep(0.01)
+        except KeyboardInterrupt:  # what Python does with one raised in a finalizer or a C callback
+            print("swallowed", flush=True)
+        while True:  # ... and the program runs on
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        interrupt.handled()
+        print("handled", flush=True)
+        time.sleep(1.0)  # no Ctrl-C comes after it was handled
+print("exited cleanly", flush=True)
+"""
+
+
+def test_a_ctrl_c_swallowed_inside_library_code_still_reaches_the_search(tmp_path):
+    script, ready = write(tmp_path, "swallow.py", SWALLOWS_FIRST_CTRL_C), tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, script, str(ready)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=Path(SEARCH).parent.parent)
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert out.split() == ["swallowed", "handled", "exited", "cleanly"], out

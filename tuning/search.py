@@ -33,6 +33,7 @@ from trainable.cli import OneLineParser, UsageError, add_data_args, data_overrid
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
+from tuning import ctrl_c
 from tuning import experiment as experiment_mod
 from tuning import export as export_mod
 from tuning import tboard
@@ -399,12 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, SpaceError, ConfigError, ExperimentError) as exc:
         return fail(PROG, str(exc))
     try:
-        return run(plan, args, started)
+        with ctrl_c.delivered_until_handled() as interrupt:
+            return run(plan, args, started, interrupt)
     finally:
         plan.claim.release()
 
 
-def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
+def run(plan: Plan, args: argparse.Namespace, started: float, interrupt: ctrl_c.CtrlC) -> int:
     from tuning import ray_run  # Ray is imported only once the input has been checked
 
     meta = plan.meta
@@ -457,6 +459,7 @@ def run(plan: Plan, args: argparse.Namespace, started: float) -> int:
     except (UsageError, DataError) as exc:
         return fail(PROG, str(exc))
     except KeyboardInterrupt:
+        interrupt.handled()
         experiment.mark("interrupted")
         print(f"\nInterrupted. Finished trials are kept in {plan.folder}; resume with:\n  {meta['command']}",
               file=sys.stderr)
