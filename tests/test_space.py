@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import optuna.distributions as od
 import pytest
@@ -9,13 +11,15 @@ import pytest
 from trainable.config import TrainConfig
 from tuning.space import DEFAULT_SPACE, SpaceError, default_space, load_space, parse_space, trial_config
 
+FAMILIES = Path(__file__).resolve().parent.parent / "tuning" / "spaces" / "families.yaml"
+
 
 def test_default_space_searches_every_tutorial_hyperparameter():
     space = default_space()
     assert set(space.searched) == set(DEFAULT_SPACE) - {"schedule"}
     assert space.fixed == {"schedule": "cosine"}  # every trial anneals its lr (why: README)
     (batch,) = space.cases("batch_size")
-    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(6, 8)
+    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(6, 7)
     assert isinstance(space.cases("epochs")[0].distribution, od.IntDistribution)
 
 
@@ -29,29 +33,38 @@ def ask(space, sampler_seed=0, n=40):
     return samples
 
 
-def test_default_space_is_define_by_run():
+def test_default_space_keeps_the_sgd_family_where_the_evidence_put_the_best_trials():
+    samples = ask(default_space())
+    assert {s["optimizer"] for s in samples} == {"sgd", "nesterov"}
+    for s in samples:
+        assert 5e-3 <= s["lr"] <= 0.15 and 0.7 <= s["momentum"] <= 0.97
+        assert s["batch_size"] in (64, 128) and 12 <= s["epochs"] <= 20
+        TrainConfig.from_dict(s)  # every sample is a valid configuration
+
+
+def test_the_families_space_is_define_by_run():
     """Momentum only where it does something; each optimizer family its own learning rates;
     batch sizes powers of two."""
-    samples = ask(default_space())
+    samples = ask(load_space(FAMILIES))
     assert {s["optimizer"] for s in samples} == {"sgd", "nesterov", "adam", "adamw"}
     for s in samples:
         sgd = s["optimizer"] in ("sgd", "nesterov")
         assert ("momentum" in s) == sgd
         assert (5e-3 <= s["lr"] <= 0.15) if sgd else (1e-4 <= s["lr"] <= 2e-3)
         assert s["batch_size"] in (64, 128, 256)
-        TrainConfig.from_dict(s)  # every sample is a valid configuration
+        TrainConfig.from_dict(s)
 
 
 def test_a_configuration_outside_the_space_keeps_what_it_can():
     space = default_space()
     tutorial = TrainConfig().to_dict()  # SGD without momentum or weight decay
     params, distributions, skipped = space.optuna_point(tutorial)
-    # lr 1e-3 is under the SGD family's range, 0 outside momentum's and weight decay's, and the
-    # space fixes the schedule to cosine where the tutorial keeps lr constant
-    assert sorted(skipped) == ["lr", "momentum", "schedule", "weight_decay"]
-    assert params == {"optimizer": "sgd", "batch_size_log2": 6, "epochs": 10}
+    # lr 1e-3 is under the SGD family's range, 0 outside momentum's and weight decay's, 10 epochs
+    # under 12, and the space fixes the schedule to cosine where the tutorial keeps lr constant
+    assert sorted(skipped) == ["epochs", "lr", "momentum", "schedule", "weight_decay"]
+    assert params == {"optimizer": "sgd", "batch_size_log2": 6}
     assert set(distributions) == set(params)
-    inside = {**tutorial, "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"}
+    inside = {**tutorial, "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 14, "schedule": "cosine"}
     params, _, skipped = space.optuna_point(inside)
     assert skipped == [] and params["lr"] == 0.02 and "schedule" not in params  # fixed: not a parameter
 
