@@ -15,6 +15,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 REDELIVER_SECONDS = 3.0
 
@@ -43,15 +44,24 @@ class CtrlC:
 
 
 @contextlib.contextmanager
-def delivered_until_handled(every: float = REDELIVER_SECONDS) -> Iterator[CtrlC]:
-    """Install the handler for the block (main thread only; elsewhere Python's own stays)."""
-    state = CtrlC(every)
+def sigint_handler(handler: Any) -> Iterator[None]:
+    """SIGINT handled by `handler` for the block (main thread only: elsewhere nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
-        yield state
+        yield  # signal handlers can only be changed from the main thread
         return
-    previous = signal.signal(signal.SIGINT, state.on_signal)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield state
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def delivered_until_handled(every: float = REDELIVER_SECONDS) -> Iterator[CtrlC]:
+    """Install the redelivering handler for the block."""
+    state = CtrlC(every)
+    try:
+        with sigint_handler(state.on_signal):
+            yield state
     finally:
         state.handled()
-        signal.signal(signal.SIGINT, previous)

@@ -25,9 +25,8 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ from trainable.config import TrainConfig
 from trainable.data import Dataset
 from trainable.fit import METRICS, Trainer, flush_denormals
 from tuning.callbacks import LINES, LIVE, QUIET, ExperimentCallback
+from tuning.ctrl_c import sigint_handler
 from trainable.cli import UsageError
 from tuning.experiment import Experiment
 from tuning.journal import TrialRecord
@@ -246,22 +246,14 @@ def start_ray(args: argparse.Namespace, address: str | None = None) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def daemons_ignoring_ctrl_c() -> Iterator[None]:
+def daemons_ignoring_ctrl_c() -> contextlib.AbstractContextManager[None]:
     """Start Ray's local daemons with SIGINT ignored (children inherit an ignored signal).
 
     They run in the driver's process group, so Ctrl-C in a terminal reaches the GCS server and the
     raylet as well as the driver; when they died of it first, the driver's clean-up talked to a
     dead GCS and could hang for minutes instead of saving the experiment and printing how to
     resume. The driver keeps its own Ctrl-C handling and stops the daemons itself (`stop_ray`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be changed from the main thread
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return sigint_handler(signal.SIG_IGN)
 
 
 def stop_ray() -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import optuna
 import optuna.distributions as od
 
-from trainable.config import OPTIMIZERS, ConfigError, TrainConfig
+from trainable.config import ConfigError, TrainConfig
 from trainable.fileio import read_yaml, yaml_number
 
 SEARCHABLE = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
