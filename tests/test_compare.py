@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import optuna
 import pandas as pd
 import pytest
 
+from tests.drivers import running, signal_and_wait, wait_until_mid_search
 from tuning.compare import main as compare
+from tuning.ray_run import HOLD_ENV
 from tuning.search import main as search
 
 pytestmark = pytest.mark.slow
+COMPARE = str(Path(__file__).resolve().parent.parent / "tuning" / "compare.py")
 
 SPACE = """
 optimizer: [sgd, adam]
@@ -74,3 +80,27 @@ def test_compare_runs_each_strategy_and_writes_the_table_and_figure(cli, tmp_pat
     status, stdout, _ = cli(compare, ["--data", "synthetic", "--samples", "3", "--seeds", "0", "--num-cpus", "2",
                                       "--strategies", "ours", "--out", str(out)])
     assert status == 0 and "ours, seed 0 ..." not in stdout
+
+
+@pytest.mark.heavy
+def test_ctrl_c_stops_compare_with_its_own_message_and_the_same_command_goes_on(cli, tmp_path):
+    out = tmp_path / "compare"
+    argv = ["--data", "synthetic", "--samples", "3", "--seeds", "0", "--num-cpus", "2",
+            "--strategies", "optuna-tpe", "--out", str(out)]
+    markers, log = tmp_path / "markers", tmp_path / "first-run.log"
+    markers.mkdir()
+    # two trials run to their end, the third waits after its epoch 3: mid-search on any machine
+    with running(log, [COMPARE, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(out / "runs" / "optuna-tpe-seed0", proc)
+        status = signal_and_wait(proc, signal.SIGINT, log)
+    output = log.read_text()
+    assert status == 130, output
+    assert "failed" not in output and "Finished searches are kept in" in output
+    assert f"python -m tuning.compare {' '.join(argv)}" in output
+    assert not (out / "runs.csv").exists()
+    # the same command resumes the interrupted search and compares
+    status, stdout, err = cli(compare, argv)
+    assert status == 0, err
+    assert pd.read_csv(out / "runs.csv")["strategy"].tolist() == ["optuna-tpe"]
+    table = pd.read_csv(out / "runs" / "optuna-tpe-seed0" / "trials.csv")
+    assert len(table) == 3 and set(table["status"]) == {"finished"}

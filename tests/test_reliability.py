@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from tests.drivers import running, signal_and_wait, wait_until_mid_search
 from tests.fixtures import write_image_folder
 from tuning.ray_run import FAULT_ENV, HOLD_ENV
 from tuning.journal import Journal, trials
@@ -219,25 +219,6 @@ def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypat
 # --- interruptions --------------------------------------------------------------------------
 
 
-def start(tmp_path: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = open(tmp_path / "first-run.log", "w")
-    return subprocess.Popen([sys.executable, SEARCH, *argv], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                            env={**os.environ, **(env or {})})
-
-
-def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, timeout: float = 900) -> None:
-    """Until `ended` trials ended and a running one has saved a checkpoint."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "the search ended before it could be interrupted"
-        ts = trials(Journal(exp).read())
-        if sum(t.done for t in ts) >= ended and any(not t.done and t.checkpoint for t in ts):
-            return
-        time.sleep(0.05)
-    raise AssertionError("the search did not get far enough in time")
-
-
 def snapshot(exp: Path) -> tuple[dict[str, list], dict[str, int]]:
     """(test losses of each finished trial, checkpointed epoch of each unfinished one)"""
     ts = trials(Journal(exp).read())
@@ -278,22 +259,13 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     markers.mkdir()
     # Two trials run to their end; every later one waits after its epoch 3 (checkpointed), so the
     # search is mid-way when the signal comes however fast or slow the machine is.
-    proc = start(tmp_path, argv, env={HOLD_ENV: f"3:2:{markers}"})
-    try:
+    log = tmp_path / "first-run.log"
+    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
         wait_until_mid_search(exp, proc)
-        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-        try:
-            status = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the driver did not exit within 120 s of the signal; its output:\n"
-                                 + (tmp_path / "first-run.log").read_text()[-4000:]) from None
-    finally:  # a driver that did not exit must not leave its Ray (and held trials) behind
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    log = (tmp_path / "first-run.log").read_text()
+        status = signal_and_wait(proc, sig, log)
     if sig == signal.SIGINT:
-        assert status == 130 and "resume with:" in log and "--name r" in log, log
+        output = log.read_text()
+        assert status == 130 and "resume with:" in output and "--name r" in output, output
     before, checkpointed = snapshot(exp)
     assert 2 <= len(before) < 6
     status, out, err = cli(search, argv)

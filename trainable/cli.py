@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses
+INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
 
 
 class UsageError(Exception):

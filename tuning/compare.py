@@ -25,6 +25,7 @@ against wall time, the median over seeds per strategy).
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ if __package__ in (None, ""):
 
 import pandas as pd
 
-from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
+from trainable.cli import INTERRUPTED_STATUS, OneLineParser, add_data_args, data_flags, fail, positive_int
 from trainable.fileio import atomic_write_text
 from tuning.experiment import Experiment, met
 
@@ -91,6 +92,8 @@ def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) 
     if not (folder / "experiment.json").exists() or Experiment.load(folder).meta.get("status") != "finished":
         print(f"{strategy}, seed {seed} ...", flush=True)
         status = search(argv)
+        if status == INTERRUPTED_STATUS:
+            raise KeyboardInterrupt  # the search has kept what finished; main says how to go on
         if status != 0:
             raise RuntimeError(f"the {strategy} search with seed {seed} failed (exit {status})")
     return measure(Experiment.load(folder), strategy, seed)
@@ -203,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 curves.setdefault(strategy, []).append(progress(Experiment.load(folder)))
     except RuntimeError as exc:
         return fail(PROG, str(exc), status=1)
+    except KeyboardInterrupt:
+        command = shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)])
+        print(f"\nInterrupted. Finished searches are kept in {out / 'runs'}; the same command goes on from "
+              f"them (an interrupted search resumes):\n  {command}", file=sys.stderr)
+        return INTERRUPTED_STATUS
     runs = pd.DataFrame(rows)
     summary = summarize(runs)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))

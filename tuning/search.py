@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python tuning/search.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainable import challenge
-from trainable.cli import OneLineParser, UsageError, add_data_args, data_overrides, fail, non_negative_int, positive_int
+from trainable.cli import INTERRUPTED_STATUS, OneLineParser, UsageError, add_data_args, data_overrides, fail, non_negative_int, positive_int
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
@@ -47,7 +47,6 @@ from tuning.study import SAMPLERS
 
 PROG = "python tuning/search.py"
 DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
-INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
 
 
 DEFAULT_GRACE = "25%"

@@ -1,0 +1,53 @@
+"""A search (or compare) driver in a process group of its own: start it, wait until it is mid-way,
+signal it, and never leave it (or the Ray it started) behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tuning.journal import Journal, trials
+
+
+@contextmanager
+def running(log: Path, argv: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`python ARGV...` with its output in `log`; on leaving, whatever happened, a driver that has not
+    exited is killed with its whole group, so it cannot leave its Ray (and held trials) behind."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, timeout: float = 900) -> None:
+    """Until `ended` trials ended and a running one has saved a checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        ts = trials(Journal(exp).read())
+        if sum(t.done for t in ts) >= ended and any(not t.done and t.checkpoint for t in ts):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the search did not get far enough in time")
+
+
+def signal_and_wait(proc: subprocess.Popen, sig: int, log: Path, timeout: float = 120) -> int:
+    """Send `sig` (SIGINT to the whole group, as a terminal's Ctrl-C does) and return the exit status;
+    if the driver does not exit, its output goes into the failure."""
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the driver did not exit within {timeout:.0f} s of the signal; its output:\n"
+                             + log.read_text()[-4000:]) from None
