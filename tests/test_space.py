@@ -19,7 +19,7 @@ def test_default_space_searches_every_tutorial_hyperparameter():
     assert set(space.searched) == set(DEFAULT_SPACE) - {"schedule"}
     assert space.fixed == {"schedule": "cosine"}  # every trial anneals its lr (why: README)
     (batch,) = space.cases("batch_size")
-    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(6, 7)
+    assert batch.pow2 and batch.optuna_name == "batch_size_log2" and batch.distribution == od.IntDistribution(7, 8)
     assert isinstance(space.cases("epochs")[0].distribution, od.IntDistribution)
 
 
@@ -38,7 +38,7 @@ def test_default_space_keeps_the_sgd_family_where_the_evidence_put_the_best_tria
     assert {s["optimizer"] for s in samples} == {"sgd", "nesterov"}
     for s in samples:
         assert 5e-3 <= s["lr"] <= 0.15 and 0.7 <= s["momentum"] <= 0.97
-        assert s["batch_size"] in (64, 128) and 12 <= s["epochs"] <= 20
+        assert s["batch_size"] in (128, 256) and 12 <= s["epochs"] <= 20
         TrainConfig.from_dict(s)  # every sample is a valid configuration
 
 
@@ -59,14 +59,17 @@ def test_a_configuration_outside_the_space_keeps_what_it_can():
     space = default_space()
     tutorial = TrainConfig().to_dict()  # SGD without momentum or weight decay
     params, distributions, skipped = space.optuna_point(tutorial)
-    # lr 1e-3 is under the SGD family's range, 0 outside momentum's and weight decay's, 10 epochs
-    # under 12, and the space fixes the schedule to cosine where the tutorial keeps lr constant
-    assert sorted(skipped) == ["epochs", "lr", "momentum", "schedule", "weight_decay"]
-    assert params == {"optimizer": "sgd", "batch_size_log2": 6}
+    # lr 1e-3 is under the SGD family's range, batch 64 under 128, 0 outside momentum's and weight
+    # decay's, 10 epochs under 12, and the space fixes the schedule to cosine where the tutorial
+    # keeps lr constant
+    assert sorted(skipped) == ["batch_size", "epochs", "lr", "momentum", "schedule", "weight_decay"]
+    assert params == {"optimizer": "sgd"}
     assert set(distributions) == set(params)
-    inside = {**tutorial, "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 14, "schedule": "cosine"}
+    inside = {**tutorial, "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 14, "schedule": "cosine",
+              "batch_size": 256}
     params, _, skipped = space.optuna_point(inside)
     assert skipped == [] and params["lr"] == 0.02 and "schedule" not in params  # fixed: not a parameter
+    assert params["batch_size_log2"] == 8
 
 
 def test_smoke_space_leaves_epochs_to_the_base_configuration():
