@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses
 INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
+
+
+def command_line(prog: str, argv: Sequence[str]) -> str:
+    """What a user types to run `prog` with `argv` again, quoted for a shell."""
+    return " ".join([prog, *map(shlex.quote, argv)])
 
 
 class UsageError(Exception):

@@ -25,7 +25,6 @@ against wall time, the median over seeds per strategy).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ if __package__ in (None, ""):
 
 import pandas as pd
 
-from trainable.cli import INTERRUPTED_STATUS, OneLineParser, add_data_args, data_flags, fail, positive_int
+from trainable.cli import INTERRUPTED_STATUS, OneLineParser, command_line, add_data_args, data_flags, fail, positive_int
 from trainable.fileio import atomic_write_text
 from tuning.experiment import Experiment, met
 
@@ -207,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         return fail(PROG, str(exc), status=1)
     except KeyboardInterrupt:
-        command = shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)])
+        command = command_line(PROG, sys.argv[1:] if argv is None else argv)
         print(f"\nInterrupted. Finished searches are kept in {out / 'runs'}; the same command goes on from "
               f"them (an interrupted search resumes):\n  {command}", file=sys.stderr)
         return INTERRUPTED_STATUS

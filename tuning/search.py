@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import shlex
 import socket
 import sys
 import tempfile
@@ -29,7 +28,7 @@ if __package__ in (None, ""):  # run as `python tuning/search.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainable import challenge
-from trainable.cli import INTERRUPTED_STATUS, OneLineParser, UsageError, add_data_args, data_overrides, fail, non_negative_int, positive_int
+from trainable.cli import INTERRUPTED_STATUS, OneLineParser, command_line, UsageError, add_data_args, data_overrides, fail, non_negative_int, positive_int
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fileio import atomic_write_text
@@ -167,10 +166,6 @@ class Plan:
         return self.claim.old_meta is not None and self.claim.replaces is None
 
 
-def command_line(argv: Sequence[str]) -> str:
-    return " ".join([PROG, *map(shlex.quote, argv)])
-
-
 def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
@@ -260,7 +255,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
 def resume_command(argv: Sequence[str], name: str) -> str:
     """The command that continues this experiment: the user's, with --name, without --restart."""
     argv = [a for a in argv if a != "--restart"]
-    return command_line(argv if "--name" in argv else [*argv, "--name", name])
+    return command_line(PROG, argv if "--name" in argv else [*argv, "--name", name])
 
 
 def _check_writable(folder: Path) -> None:
