@@ -6,6 +6,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def test_bench_prints_the_ratio_and_the_share_of_the_machines_floor():
     # Timings are not asserted (machines differ); what is printed, and that it adds up, is.
@@ -29,6 +32,15 @@ def test_bench_refuses_bad_input_in_one_line():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_bench_on_a_device_this_machine_lacks_is_one_line_and_exit_2():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_gpu.py runs the bench there")
+    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip() == "python -m trainable.bench: error: --device cuda: CUDA is not available on this machine"
 
 
 def test_first_epochs_compares_fresh_processes_with_and_without_the_malloc_setting():

@@ -1,9 +1,13 @@
 """The GPU paths, on a real CUDA device: skipped (by the conftest hook) where torch sees none.
 
-Not yet run on GPU hardware: the development machine has no GPU.
+They run only where a GPU is (CI has none); README "Sharing a GPU" says where and when they last ran.
 """
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,3 +45,15 @@ def test_precision_auto_picks_bf16_only_where_the_gpu_has_it_natively():
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert autocast_dtype("auto", torch.device("cuda")) == (torch.bfloat16 if native else None)
     assert autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+@pytest.mark.slow
+def test_bench_on_the_gpu_times_both_pipelines_there_and_names_the_gpu():
+    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--repeats", "1",
+                          "--device", "cuda"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    major, minor = torch.cuda.get_device_capability()
+    assert f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})" in run.stdout
+    expected = "bf16" if (major, minor) >= (8, 0) else "fp32"
+    assert f"ours (tensor-resident, auto = {expected})" in run.stdout
+    assert re.search(r"speed-up of ours \(default precision\) over the tutorial: [\d.]+x", run.stdout)

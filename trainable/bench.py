@@ -16,6 +16,12 @@ is everything else (the optimizer's updates, gathering batches, the loss, Python
     python -m trainable.bench --data data/cifar10-jpeg --repeats 3
     python -m trainable.bench --data data/cifar10-jpeg --precision-check   # bf16 vs fp32 accuracy
     python -m trainable.bench --data data/cifar10-jpeg --first-epochs      # malloc kept vs not
+    python -m trainable.bench --data data/cifar10-jpeg --device cuda       # both pipelines on a GPU
+
+`--device` (default auto: cuda -> mps -> cpu, as `python -m trainable`) runs both pipelines and the
+floor's GEMMs there; the tutorial's loops then move each batch to the device, as its quickstart
+does. On a GPU these small GEMMs are bound by kernel launches more than by arithmetic, so the
+"floor" there is a launch-bound floor, not the chip's peak.
 
 --first-epochs times what a trial's first epochs cost in a fresh process: `python -m trainable
 --epochs 2 --json`, alternately with glibc's malloc as it is ($HPTUNE_KEEP_FREED_MEMORY=0) and
@@ -43,10 +49,12 @@ from torch import nn
 from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import KEEP_FREED_MEMORY_ENV, Trainer, autocast_dtype, fast_bf16, fit, flush_denormals
+from trainable.fit import (KEEP_FREED_MEMORY_ENV, Trainer, autocast_dtype, fast_bf16, fit, flush_denormals,
+                           select_device)
 from trainable.model import build_model
 
 PROG = "python -m trainable.bench"
+CPU = torch.device("cpu")
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -69,12 +77,14 @@ class TutorialDataset(torch.utils.data.Dataset):
 
 
 def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module,
-                       loss_fn: nn.Module) -> tuple[float, float]:
-    """The tutorial's test_loop, minus its print."""
+                       loss_fn: nn.Module, device: torch.device = CPU) -> tuple[float, float]:
+    """The tutorial's test_loop, minus its print; each batch moved to `device` as the tutorial's
+    quickstart does (nothing moves on the CPU)."""
     model.eval()
     test_loss, correct = 0.0, 0.0
     with torch.no_grad():
         for X, y in dataloader:
+            X, y = X.to(device), y.to(device)
             pred = model(X)
             test_loss += loss_fn(pred, y).item()
             correct += (pred.argmax(1) == y).type(torch.float).sum().item()
@@ -82,10 +92,11 @@ def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module
 
 
 def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module, loss_fn: nn.Module,
-                        optimizer: torch.optim.Optimizer) -> None:
-    """The tutorial's train_loop, minus its print."""
+                        optimizer: torch.optim.Optimizer, device: torch.device = CPU) -> None:
+    """The tutorial's train_loop, minus its print; batches moved to `device` as in test_loop."""
     model.train()
     for batch, (X, y) in enumerate(dataloader):
+        X, y = X.to(device), y.to(device)
         pred = model(X)
         loss = loss_fn(pred, y)
         loss.backward()
@@ -95,9 +106,9 @@ def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Modul
             loss = loss.item()  # the tutorial reads the loss here to print it
 
 
-def time_tutorial(data: Dataset, batch_size: int) -> Callable[[], float]:
+def time_tutorial(data: Dataset, batch_size: int, device: torch.device = CPU) -> Callable[[], float]:
     torch.manual_seed(42)
-    model = build_model(data.input_shape, data.num_classes)
+    model = build_model(data.input_shape, data.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     train = torch.utils.data.DataLoader(TutorialDataset(data.train_images, data.train_labels), batch_size=batch_size)
     test = torch.utils.data.DataLoader(TutorialDataset(data.test_images, data.test_labels), batch_size=batch_size)
@@ -105,8 +116,8 @@ def time_tutorial(data: Dataset, batch_size: int) -> Callable[[], float]:
 
     def run() -> float:
         start = time.perf_counter()
-        tutorial_train_loop(train, model, loss_fn, optimizer)
-        tutorial_test_loop(test, model, loss_fn)
+        tutorial_train_loop(train, model, loss_fn, optimizer, device)
+        tutorial_test_loop(test, model, loss_fn, device)  # its .item() per batch waits for the device
         return time.perf_counter() - start
 
     return run
@@ -117,12 +128,13 @@ class TutorialProcess:
     none of our process settings (malloc thresholds, subnormal flushing) reach it. Called, it
     runs one whole epoch there and returns its seconds; interleaving with ours still works."""
 
-    def __init__(self, data: Dataset, batch_size: int, threads: int) -> None:
+    def __init__(self, data: Dataset, batch_size: int, threads: int, device: torch.device = CPU) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_tutorial_worker, args=(child, data, batch_size, threads), daemon=True)
+        self.process = context.Process(target=_tutorial_worker, args=(child, data, batch_size, threads, str(device)),
+                                       daemon=True)
         self.process.start()
 
     def __call__(self) -> float:
@@ -134,16 +146,16 @@ class TutorialProcess:
         self.process.join(timeout=30)
 
 
-def _tutorial_worker(connection: Any, data: Dataset, batch_size: int, threads: int) -> None:
+def _tutorial_worker(connection: Any, data: Dataset, batch_size: int, threads: int, device: str) -> None:
     torch.set_num_threads(threads)
-    run = time_tutorial(data, batch_size)
+    run = time_tutorial(data, batch_size, torch.device(device))
     while connection.recv() is not None:
         connection.send(run())
 
 
-def time_ours(data: Dataset, batch_size: int, precision: str) -> Callable[[], float]:
+def time_ours(data: Dataset, batch_size: int, precision: str, device: torch.device = CPU) -> Callable[[], float]:
     """One whole epoch of `python -m trainable` (train, then evaluate), as the trainer runs it."""
-    trainer = Trainer(TrainConfig(batch_size=batch_size, precision=precision, epochs=1_000_000), data, device="cpu")
+    trainer = Trainer(TrainConfig(batch_size=batch_size, precision=precision, epochs=1_000_000), data, device=device)
 
     def run() -> float:
         return trainer.run_epoch()["epoch_seconds"]
@@ -167,7 +179,7 @@ def epoch_flops(data: Dataset, hidden: Sequence[int] = (512, 512), batch_size: i
 
 
 def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype,
-               hidden: Sequence[int] = (512, 512)) -> Callable[[], float]:
+               hidden: Sequence[int] = (512, 512), device: torch.device = CPU) -> Callable[[], float]:
     """The epoch's matrix multiplies alone, back to back, outputs preallocated."""
     layers = gemm_shapes(math.prod(data.input_shape), hidden, data.num_classes)
     n_train, n_test = len(data.train_labels), len(data.test_labels)
@@ -175,14 +187,14 @@ def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype,
     def operands(batch: int, backward: bool) -> list[Callable[[], None]]:
         calls: list[Callable[[], None]] = []
         for index, (i, o) in enumerate(layers):
-            x, w, y = (torch.rand(batch, i, dtype=dtype), torch.rand(o, i, dtype=dtype),
-                       torch.empty(batch, o, dtype=dtype))
+            x, w, y = (torch.rand(batch, i, dtype=dtype, device=device), torch.rand(o, i, dtype=dtype, device=device),
+                       torch.empty(batch, o, dtype=dtype, device=device))
             calls.append(lambda x=x, w=w, y=y: torch.mm(x, w.t(), out=y))
             if backward:
-                g, dw = torch.rand(batch, o, dtype=dtype), torch.empty(o, i, dtype=dtype)
+                g, dw = torch.rand(batch, o, dtype=dtype, device=device), torch.empty(o, i, dtype=dtype, device=device)
                 calls.append(lambda g=g, x=x, dw=dw: torch.mm(g.t(), x, out=dw))
                 if index > 0:  # the first layer's input needs no gradient
-                    dx = torch.empty(batch, i, dtype=dtype)
+                    dx = torch.empty(batch, i, dtype=dtype, device=device)
                     calls.append(lambda g=g, w=w, dx=dx: torch.mm(g, w, out=dx))
         return calls
 
@@ -198,9 +210,15 @@ def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype,
             for _ in range(count):
                 for call in calls:
                     call()
+        synchronize(device)
         return time.perf_counter() - start
 
     return run
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _counts(batches: list[int]) -> list[tuple[int, int]]:
@@ -217,17 +235,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def speed(data: Dataset, batch_size: int, repeats: int) -> dict[str, float]:
-    default = "bf16" if autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
-    tutorial = TutorialProcess(data, batch_size, torch.get_num_threads())
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return cpu_name() if device.type == "cpu" else device.type
+
+
+def speed(data: Dataset, batch_size: int, repeats: int, device: torch.device = CPU) -> dict[str, float]:
+    default = "bf16" if autocast_dtype("auto", device) is torch.bfloat16 else "fp32"
+    tutorial = TutorialProcess(data, batch_size, torch.get_num_threads(), device)
     contenders = {
         "tutorial (DataLoader + ToTensor, fp32)": tutorial,
-        "ours (tensor-resident, fp32)": time_ours(data, batch_size, "fp32"),
-        f"ours (tensor-resident, auto = {default})": time_ours(data, batch_size, "auto"),
-        "floor fp32 (the epoch's GEMMs alone)": time_floor(data, batch_size, torch.float32),
+        "ours (tensor-resident, fp32)": time_ours(data, batch_size, "fp32", device),
+        f"ours (tensor-resident, auto = {default})": time_ours(data, batch_size, "auto", device),
+        "floor fp32 (the epoch's GEMMs alone)": time_floor(data, batch_size, torch.float32, device=device),
     }
     if default == "bf16":
-        contenders["floor bf16 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.bfloat16)
+        contenders["floor bf16 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.bfloat16,
+                                                                        device=device)
     try:
         for run in contenders.values():  # warm-up: first-call allocations, thread pools
             run()
@@ -240,9 +266,9 @@ def speed(data: Dataset, batch_size: int, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def precision_check(data: Dataset) -> list[tuple[str, list[dict]]]:
+def precision_check(data: Dataset, device: torch.device = CPU) -> list[tuple[str, list[dict]]]:
     """The tutorial's configuration trained in fp32 and in bf16 autocast, every epoch."""
-    return [(p, list(fit(TrainConfig(precision=p), data, device="cpu"))) for p in ("fp32", "bf16")]
+    return [(p, list(fit(TrainConfig(precision=p), data, device=device))) for p in ("fp32", "bf16")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed epochs per contender; the median is reported (default 3)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda -> mps -> cpu, as `python -m trainable`), cpu, cuda, cuda:1: where both "
+                        "pipelines and the floor's GEMMs run")
     p.add_argument("--precision-check", action="store_true",
                    help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
     p.add_argument("--first-epochs", action="store_true",
@@ -262,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        device = select_device(args.device)
+    except RuntimeError as exc:
+        return fail(PROG, str(exc))
     flush_denormals(torch.device("cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,10 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
     except DataError as exc:
         return fail(PROG, str(exc))
-    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
-    print(f"{data!r}; {cpu_name()} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    bf16 = "native bf16" if fast_bf16(device) else "no native bf16"
+    print(f"{data!r}; {device_name(device)} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.first_epochs:
-        medians = first_epochs(data_flags(args), args.batch_size, args.repeats, args.threads)
+        medians = first_epochs([*data_flags(args), "--device", args.device], args.batch_size, args.repeats,
+                               args.threads)
         print(f"epochs 1 and 2 of a fresh `python -m trainable` process at batch {args.batch_size}, "
               f"median of {args.repeats}:")
         base, ours = medians.values()
@@ -281,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"speed-up of keeping freed memory: epoch 1 {base[0] / ours[0]:.2f}x, epoch 2 {base[1] / ours[1]:.2f}x")
         return 0
     if args.precision_check:
-        runs = precision_check(data)
+        runs = precision_check(data, device)
         for precision, history in runs:
             curve = " ".join(f"{m['train_loss']:.3f}" for m in history)
             last = history[-1]
@@ -292,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(fp32, bf16))
         print(f"bf16 - fp32: test_accuracy {gap:+.2f} points; largest train_loss gap over the epochs {worst:.4f}")
         return 0
-    medians = speed(data, args.batch_size, args.repeats)
+    medians = speed(data, args.batch_size, args.repeats, device)
     print_speed(medians, data, args.batch_size, args.repeats)
     return 0
 
