@@ -56,6 +56,24 @@ def test_warm_start_gives_the_new_study_the_earlier_trials(cli, tmp_path):
     assert len(pd.read_csv(tmp_path / "results" / "second" / "trials.csv")) == 2
 
 
+def test_a_fresh_search_samples_the_center_of_its_space_first_unless_told_not_to(cli, tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    center = {"optimizer": "sgd", "lr": (1e-3 * 3e-2) ** 0.5, "momentum": 0.875}
+    for name, extra in (("centered", []), ("sampled", ["--no-center"])):
+        status, _, err = run(cli, tmp_path, name, "--samples", "3", "--max-concurrent", "1", "--seed", "3",
+                             "--space", str(tmp_path / "space.yaml"), *extra)
+        assert status == 0, err
+        trials = pd.read_csv(tmp_path / "results" / name / "trials.csv").sort_values("number")
+        first = trials.iloc[0]
+        at_center = first["optimizer"] == "sgd" and abs(first["lr"] - center["lr"]) < 1e-12 \
+            and abs(first["momentum"] - center["momentum"]) < 1e-12
+        assert at_center == (name == "centered"), first.to_dict()
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'results' / name / 'optuna.db'}")
+        marked = [t.number for t in study.trials if t.user_attrs.get("center")]
+        assert marked == ([0] if name == "centered" else [])
+        assert len({(r.optimizer, r.lr) for r in trials.itertuples()}) == 3  # then the sampler's own
+
+
 def test_warm_start_from_a_folder_that_is_not_an_experiment_is_one_line_exit_2(cli, tmp_path):
     status, _, err = run(cli, tmp_path, "x", "--warm-start", str(tmp_path / "nope"))
     assert status == 2 and "no such experiment folder" in err and len(err.strip().splitlines()) == 1

@@ -3,7 +3,8 @@
 Every strategy is a real `tuning/search.py` run (same data, same number of samples, several
 sampler seeds, our fast trainer), so only the strategy differs:
 
-    ours           the default: TPE over the define-by-run space, ASHA, stalled trials stopped
+    ours           the default: the space's center first, then TPE over the define-by-run space,
+                   ASHA, stalled trials stopped
     ray-tutorial   PyTorch's "Hyperparameter tuning with Ray Tune" recipe applied to this MLP:
                    random search, SGD with momentum 0.9, lr log-uniform 1e-4..1e-1, batch
                    {32, 64, 128, 256}, 10 epochs, ASHA (max_t 10, grace 1, reduction 2) on test loss
@@ -54,9 +55,9 @@ momentum: 0.9
 STRATEGIES: dict[str, list[str]] = {
     "ours": [],
     "ray-tutorial": ["--space", "{ray_tutorial_space}", "--sampler", "random", "--objective", "test_loss",
-                     "--grace-period", "1", "--reduction-factor", "2"],
-    "optuna-tpe": ["--no-early-stop"],
-    "random-asha": ["--sampler", "random"],
+                     "--grace-period", "1", "--reduction-factor", "2", "--no-center"],
+    "optuna-tpe": ["--no-early-stop", "--no-center"],
+    "random-asha": ["--sampler", "random", "--no-center"],
 }
 
 

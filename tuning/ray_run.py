@@ -301,6 +301,10 @@ def run_trials(
         if not args.quiet:
             note = f"; {skipped} outside this space skipped" if skipped else ""
             print(f"Warm start: {added} trials of {args.warm_start} given to the sampler{note}", flush=True)
+    elif attempt == 1 and not getattr(args, "no_center", False):
+        center = space.center()
+        if center:  # a fresh study: its first sampled trial is the space's center
+            study.enqueue_trial(center, user_attrs={"center": True})
     searcher = StudySearcher(study, space, fixed, base=base.to_dict(), metric="objective", mode=meta["mode"],
                              first_number=len(experiment.trials) + 1)
     max_epochs = max([int(space.high("epochs", base.epochs)), *(c.get("epochs", base.epochs) for c in fixed)])

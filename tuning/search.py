@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "so the sampler starts from what that search learned; trials outside this space are skipped")
     s.add_argument("--no-baseline", action="store_true",
                    help="do not run the tutorial's configuration as the first trial")
+    s.add_argument("--no-center", action="store_true",
+                   help="let the sampler choose the first sampled trial too (default: it is the center of the "
+                        "space: each range's midpoint, geometric on a log scale, and each list's first choice)")
     s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
     s.add_argument("--grace-period", type=grace_period, default=DEFAULT_GRACE, metavar="P%|N",
                    help="ASHA's first rung: P%% of each trial's own schedule (default 25%%; later rungs at P%% times "
