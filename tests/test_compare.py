@@ -72,6 +72,12 @@ def test_a_fresh_search_samples_the_center_of_its_space_first_unless_told_not_to
         marked = [t.number for t in study.trials if t.user_attrs.get("center")]
         assert marked == ([0] if name == "centered" else [])
         assert len({(r.optimizer, r.lr) for r in trials.itertuples()}) == 3  # then the sampler's own
+    # a search whose only trial is the baseline leaves no waiting center trial in its study
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "base",
+                                  "--num-cpus", "2", "--samples", "1", "--space", str(tmp_path / "space.yaml")])
+    assert status == 0, err
+    study = optuna.load_study(study_name="base", storage=f"sqlite:///{tmp_path / 'results' / 'base' / 'optuna.db'}")
+    assert [t.user_attrs.get("baseline") for t in study.trials] == [True]
 
 
 def test_warm_start_from_a_folder_that_is_not_an_experiment_is_one_line_exit_2(cli, tmp_path):
