@@ -90,3 +90,13 @@ def test_seeds_retrains_with_new_seeds_and_writes_confirm_csv(tmp_path, capsys):
     assert main(["--config", str(path), "--seeds", "1"]) == 0
     assert (tmp_path / "confirm.csv").read_text().splitlines() == lines
     assert (tmp_path / "confirm-2.csv").read_text().splitlines()[1].startswith("8,")
+
+
+def test_the_lucky_seed_line_never_prints_a_negative_zero():
+    from trainable.confirm import lucky_seed_check
+
+    rows = [{"test_accuracy": a, "train_loss": 1.04, "test_loss": 1.26, "challenge_met": True}
+            for a in (0.555, 0.5568, 0.5542)]
+    line = lucky_seed_check(rows, 0.5552)  # 0.02 points under the mean: rounds to zero
+    assert "+0.0 points from the new seeds' mean: not a lucky seed" in line
+    assert "+2.0 points" in lucky_seed_check(rows, 0.5753)

@@ -83,7 +83,8 @@ def lucky_seed_check(rows: list[dict[str, Any]], searched_accuracy: float) -> st
     gap = searched_accuracy - mean
     lucky = gap > 2 * std + 0.005  # more than two spreads (and half a point) above the new seeds
     verdict = "a lucky seed: the new seeds do clearly worse" if lucky else "not a lucky seed: the new seeds reach it"
-    return (f"the search's own run reached {100 * searched_accuracy:.1f}%, {100 * gap:+.1f} points from the new seeds' "
+    points = round(100 * gap, 1) + 0.0  # + 0.0: a gap that rounds to zero prints +0.0, not -0.0
+    return (f"the search's own run reached {100 * searched_accuracy:.1f}%, {points:+.1f} points from the new seeds' "
             f"mean: {verdict}")
 
 
