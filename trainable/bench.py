@@ -217,8 +217,11 @@ def time_floor(data: Dataset, batch_size: int, dtype: torch.dtype,
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so a timer around them measures them."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _counts(batches: list[int]) -> list[tuple[int, int]]:
