@@ -81,6 +81,7 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
     assert message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "results" / "x").exists()
+    assert not list(tmp_path.glob("results/.*"))  # not even the experiment's lock file
 
 
 def test_bad_image_folders_are_one_line_exit_2(cli, tmp_path):
@@ -107,6 +108,7 @@ def test_cifar10_offline_without_a_copy_is_one_line_exit_2(cli, tmp_path, monkey
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     status, _, err = cli(search, ["--results-dir", str(tmp_path / "results"), "--data-root", str(tmp_path / "data")])
     assert status == 2 and "CIFAR-10 is not in" in err and "--data PATH" in err and len(err.strip().splitlines()) == 1
+    assert list((tmp_path / "results").iterdir()) == []  # nothing written, not even a lock file
 
 
 def test_a_second_search_of_the_same_experiment_is_refused(cli, tmp_path):

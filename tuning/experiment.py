@@ -129,6 +129,8 @@ class Claim:
 
     def release(self) -> None:
         self.lock.release()
+        if not self.folder.exists():  # a search that created nothing leaves no lock file behind either
+            Path(self.lock.lock_file).unlink(missing_ok=True)
 
 
 def claim(results: Path, name: str, *, restart: bool) -> Claim:
