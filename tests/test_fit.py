@@ -77,8 +77,9 @@ def test_diverging_lr_ends_the_run_as_diverged(data):
     assert history[-1]["challenge_met"] is False
 
 
-def test_resume_from_state_continues_exactly(data):
-    config = TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, epochs=4, data="synthetic")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: the fused step's bf16 weights too
+def test_resume_from_state_continues_exactly(data, precision):
+    config = TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, epochs=4, data="synthetic", precision=precision)
     straight = without_timing(fit(config, data))
     first = Trainer(config, data)
     for _ in range(2):
@@ -147,7 +148,7 @@ trainer = trainable.fit.Trainer(TrainConfig(data="synthetic", batch_size=64, pre
 for epoch in range(2):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     train_epoch(trainer.model, trainer.optimizer, trainer.train_images, trainer.train_labels, batch_size=64,
-                generator=torch.Generator().manual_seed(epoch), autocast_dtype=trainer.amp_dtype)
+                generator=torch.Generator().manual_seed(epoch), autocast_dtype=trainer.amp_dtype, fused=trainer.fused)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
 """
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from trainable import challenge
+from trainable import challenge, fused
 from trainable.cli import OneLineParser, add_data_args, data_overrides, dumps, fail, positive_int
 from trainable.config import OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
 from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
@@ -156,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_seeds(args, config, data, device)
     trainer = Trainer(config, data, device=device, challenge_window=args.challenge_window)
     if not args.json:
-        print(f"{data!r} on {device} ({trainer.precision}); {config.to_dict()}")
+        step = ", fused step" if trainer.fused else ""
+        if trainer.precision == "bf16" and device.type == "cpu" and fused.unavailable_reason():
+            step = f"; fused step not used: {fused.unavailable_reason()}"
+        print(f"{data!r} on {device} ({trainer.precision}{step}); {config.to_dict()}")
     last: dict[str, Any] | None = None
     bar = epoch_bar(config.epochs) if sys.stdout.isatty() and not args.json else None
     for last in trainer.run():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainable.fused import FusedBf16
+
 # How often the training loop looks at the running loss to stop a diverged run early; each look
 # is a device sync, so not every step.
 DIVERGENCE_CHECK_STEPS = 50
@@ -45,8 +47,12 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     autocast_dtype: torch.dtype | None = None,
+    fused: FusedBf16 | None = None,
 ) -> tuple[float, float]:
     """One pass over (images, labels) in an order drawn from `generator`.
+
+    With `fused` (bf16 on a CPU), the steps run on its bf16 weight copies and its fused update
+    instead of autocast and `optimizer.step()`; the result is the same up to rounding.
 
     Returns (mean loss over all samples, accuracy). The loss is NaN if training diverged; the
     epoch then stops at the next check instead of running on with NaN weights.
@@ -57,14 +63,20 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     model.train()
+    if fused is not None:
+        fused.sync()  # the fp32 weights may have changed since the last epoch (a checkpoint loaded)
     for step, start in enumerate(range(0, n, batch_size), start=1):
         x, y = _batch(images, labels, order[start : start + batch_size], autocast_dtype)
-        with autocast(device, autocast_dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if fused is not None:
+            logits, loss = fused.loss(x, y)
+            fused.backward_and_step(loss)
+        else:
+            with autocast(device, autocast_dtype):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         loss_sum += loss.detach().float() * y.shape[0]
         correct += (logits.detach().argmax(1) == y).sum()
         if step % DIVERGENCE_CHECK_STEPS == 0 and not math.isfinite(loss_sum.item()):
