@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainable import fused
 from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
@@ -153,13 +154,18 @@ def _tutorial_worker(connection: Any, data: Dataset, batch_size: int, threads: i
         connection.send(run())
 
 
-def time_ours(data: Dataset, batch_size: int, precision: str, device: torch.device = CPU) -> Callable[[], float]:
-    """One whole epoch of `python -m trainable` (train, then evaluate), as the trainer runs it."""
+def time_ours(data: Dataset, batch_size: int, precision: str, device: torch.device = CPU,
+              fused: bool = True) -> Callable[[], float]:
+    """One whole epoch of `python -m trainable` (train, then evaluate), as the trainer runs it;
+    `fused=False`: bf16 with autocast and torch's optimizer step, as before the fused step."""
     trainer = Trainer(TrainConfig(batch_size=batch_size, precision=precision, epochs=1_000_000), data, device=device)
+    if not fused:
+        trainer.fused = None
 
     def run() -> float:
         return trainer.run_epoch()["epoch_seconds"]
 
+    run.fused = trainer.fused is not None  # type: ignore[attr-defined]
     return run
 
 
@@ -247,13 +253,17 @@ def device_name(device: torch.device) -> str:
 
 def speed(data: Dataset, batch_size: int, repeats: int, device: torch.device = CPU) -> dict[str, float]:
     default = "bf16" if autocast_dtype("auto", device) is torch.bfloat16 else "fp32"
+    ours = time_ours(data, batch_size, "auto", device)
+    with_fused = default == "bf16" and ours.fused  # type: ignore[attr-defined]
     tutorial = TutorialProcess(data, batch_size, torch.get_num_threads(), device)
     contenders = {
         "tutorial (DataLoader + ToTensor, fp32)": tutorial,
         "ours (tensor-resident, fp32)": time_ours(data, batch_size, "fp32", device),
-        f"ours (tensor-resident, auto = {default})": time_ours(data, batch_size, "auto", device),
-        "floor fp32 (the epoch's GEMMs alone)": time_floor(data, batch_size, torch.float32, device=device),
+        f"ours (tensor-resident, auto = {default}{', fused step' if with_fused else ''})": ours,
     }
+    if with_fused:  # the same bf16 epoch with autocast and torch's optimizer step: what the fused step saves
+        contenders["ours (bf16, autocast + torch's step)"] = time_ours(data, batch_size, "auto", device, fused=False)
+    contenders["floor fp32 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.float32, device=device)
     if default == "bf16":
         contenders["floor bf16 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.bfloat16,
                                                                         device=device)
@@ -331,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     medians = speed(data, args.batch_size, args.repeats, device)
     print_speed(medians, data, args.batch_size, args.repeats)
+    if fused.unavailable_reason():
+        print(f"fused bf16 step not used: {fused.unavailable_reason()}")
     return 0
 
 
@@ -352,17 +364,20 @@ def first_epochs(data_args: list[str], batch_size: int, repeats: int,
 
 
 def print_speed(medians: dict[str, float], data: Dataset, batch_size: int, repeats: int) -> None:
-    names = list(medians)
-    tutorial, fp32, ours = (medians[n] for n in names[:3])
-    floors = {n.split()[1]: medians[n] for n in names[3:]}
+    pipelines = [n for n in medians if not n.startswith("floor")]
+    tutorial, fp32, ours = (medians[n] for n in pipelines[:3])
+    floors = {n.split()[1]: medians[n] for n in medians if n.startswith("floor")}
     flops = epoch_flops(data, batch_size=batch_size)
     print(f"one whole epoch (train + test) at batch {batch_size}, median of {repeats}:")
-    for name in names[:3]:
-        print(f"  {name:<42} {medians[name]:7.2f} s   {tutorial / medians[name]:5.2f}x")
-    for name in names[3:]:
-        print(f"  {name:<42} {medians[name]:7.2f} s   {flops / medians[name] / 1e9:5.0f} GFLOP/s")
-    own = "bf16" if "bf16" in floors and names[2].endswith("bf16)") else "fp32"
+    for name in pipelines:
+        print(f"  {name:<48} {medians[name]:7.2f} s   {tutorial / medians[name]:5.2f}x")
+    for name, seconds in medians.items():
+        if name.startswith("floor"):
+            print(f"  {name:<48} {seconds:7.2f} s   {flops / seconds / 1e9:5.0f} GFLOP/s")
+    own = "bf16" if "bf16" in floors and "auto = bf16" in pipelines[2] else "fp32"
     print(f"speed-up of ours (default precision) over the tutorial: {tutorial / ours:.2f}x")
+    if len(pipelines) > 3:
+        print(f"speed-up of the fused bf16 step over autocast + torch's step: {medians[pipelines[3]] / ours:.2f}x")
     print(f"share of this machine's floor: ours {own} {100 * floors[own] / ours:.0f}% of the {own} floor; "
           f"ours fp32 {100 * floors['fp32'] / fp32:.0f}% of the fp32 floor")
 
