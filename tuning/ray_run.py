@@ -301,7 +301,7 @@ def run_trials(
         if not args.quiet:
             note = f"; {skipped} outside this space skipped" if skipped else ""
             print(f"Warm start: {added} trials of {args.warm_start} given to the sampler{note}", flush=True)
-    elif attempt == 1 and not getattr(args, "no_center", False) and num_samples > len(fixed):
+    elif attempt == 1 and not args.no_center and num_samples > len(fixed):
         center = space.center()
         if center:  # a fresh study: its first sampled trial is the space's center
             study.enqueue_trial(center, user_attrs={"center": True})

@@ -23,7 +23,7 @@ Fields the space leaves out, or does not search in a trial, keep the search's ba
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,9 +92,12 @@ class Param:
         if isinstance(d, od.CategoricalDistribution):
             return trial.suggest_categorical(name, d.choices)
         if isinstance(d, od.IntDistribution):
-            value = trial.suggest_int(name, d.low, d.high, log=d.log)
-            return 2**value if self.pow2 else value
+            return self.from_optuna(trial.suggest_int(name, d.low, d.high, log=d.log))
         return trial.suggest_float(name, d.low, d.high, log=d.log)
+
+    def from_optuna(self, value: Any) -> Any:
+        """This parameter's Optuna value as the configuration takes it (the inverse of to_optuna)."""
+        return 2**value if self.pow2 else value
 
     def to_optuna(self, value: Any) -> Any | None:
         """`value` as this parameter's Optuna value, or None if the range cannot hold it."""
@@ -148,24 +151,24 @@ class Space:
     def cases(self, name: str) -> list[Param]:
         return [p for p in self.params if p.name == name]
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """Define-by-run: the values one trial takes, asked of Optuna parameter by parameter."""
+    def _choose(self, pick: Callable[[Param], Any]) -> dict[str, Any]:
+        """Define-by-run: `pick` a value for each parameter that applies, given those chosen so
+        far (the fixed ones first); the fixed values are in the result too."""
         values: dict[str, Any] = dict(self.fixed)
         for p in self.params:
             if p.name not in values and p.applies(values):
-                values[p.name] = p.suggest(trial)
+                values[p.name] = pick(p)
+        return values
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The values one trial takes, asked of Optuna parameter by parameter."""
+        values = self._choose(lambda p: p.suggest(trial))
         return {k: v for k, v in values.items() if k not in self.fixed}
 
     def center(self) -> dict[str, Any]:
         """The space's center as an Optuna trial's params (`Param.middle` of every parameter that
-        applies there, define-by-run): the first trial a fresh search samples."""
-        values: dict[str, Any] = dict(self.fixed)
-        params: dict[str, Any] = {}
-        for p in self.params:
-            if p.name not in values and p.applies(values):
-                params[p.optuna_name] = p.middle()
-                values[p.name] = 2 ** params[p.optuna_name] if p.pow2 else params[p.optuna_name]
-        return params
+        applies there): the first trial a fresh search samples."""
+        return self.optuna_point(self._choose(lambda p: p.from_optuna(p.middle())))[0]
 
     def optuna_point(
             self, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, od.BaseDistribution], list[str]]:
