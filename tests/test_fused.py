@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from trainable.config import TrainConfig
 from trainable.data import make_synthetic
 from trainable.fit import Trainer
 
+SEARCH = Path(__file__).resolve().parent.parent / "tuning" / "search.py"
 COMPILER = shutil.which(os.environ.get("CXX", "c++"))
 
 
@@ -112,3 +114,36 @@ def test_the_fused_step_can_be_turned_off_and_falls_back_without_a_compiler(kern
     header = missing.stdout.splitlines()[0]
     assert "(bf16; fused step not used: no C++ compiler" in header and "test_accuracy" in missing.stdout
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_ray_trials_train_with_the_fused_step_in_their_own_processes(kernels, tmp_path):
+    """The extension built in the driver loads in a fresh Ray worker, which trains bf16 with it."""
+    import ray
+    from ray import tune
+
+    def trial(config):
+        trainer = Trainer(TrainConfig(data="synthetic", epochs=1, precision="bf16"), make_synthetic(seed=0),
+                          device="cpu")
+        tune.report({"fused": trainer.fused is not None, "loss": trainer.run_epoch()["train_loss"]})
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        result = tune.Tuner(trial, run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()[0]
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.metrics["fused"] is True and result.metrics["loss"] > 0
+
+
+@pytest.mark.slow
+def test_a_search_without_a_compiler_says_so_once_and_trains_with_autocast(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run = subprocess.run([sys.executable, str(SEARCH), "--smoke-test", "--precision", "bf16", "--num-cpus", "2",
+                          "--results-dir", str(tmp_path / "results"), "--name", "nocc"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    notes = [line for line in run.stderr.splitlines() if "not the fused step" in line]
+    assert notes == ["python tuning/search.py: note: trials train bf16 with autocast, not the fused step: "
+                     f"no C++ compiler ({tmp_path / 'no-such-c++'}) found"], run.stderr
+    assert "Traceback" not in run.stderr
+    assert (tmp_path / "results" / "nocc" / "best_config.yaml").exists()
