@@ -286,8 +286,10 @@ def test_200_tiny_trials_are_all_accounted_for_and_driver_memory_stays_flat(tmp_
     table = pd.read_csv(tmp_path / "load" / "trials.csv")
     assert len(table) == 200 and table["trial"].is_unique and set(table["status"]) == {"finished"}
     early = next(r for n, r in rss if n >= 50)
-    # Every trial gets the data through Ray's object store: a copy per trial would add GBs here.
-    assert max(r for _, r in rss) - early < 150, rss
+    # Every trial gets the data through Ray's object store: a copy per trial (the synthetic set is
+    # 7.9 MB) would add over 1 GB from trial 50 to 200. Ray Tune and Optuna keep a record per trial:
+    # 30-160 MB measured over those 150 trials on the 2-core AMD box, so the limit sits well above that.
+    assert max(r for _, r in rss) - early < 400, rss
 
 
 SWALLOWS_FIRST_CTRL_C = """
