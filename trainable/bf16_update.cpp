@@ -77,45 +77,58 @@ void for_all(const std::vector<Segment>& segs, const Body& body) {
   });
 }
 
+inline fVec square_root(const fVec& x) { return x.sqrt(); }
+inline float square_root(float x) { return std::sqrt(x); }
+
+// Applies `update` to every element of every segment, fVec::size() floats at a time and then one
+// at a time for the tail: update(g, w, state1, state2) gets the fp32 gradient and weight (fVec or
+// float alike), may change the two state values it is given by reference, and returns the new
+// weight, which is stored with its bf16 copy. kStates: how many state tensors there are (0-2).
+template <int kStates, typename Update>
+void update_all(const std::vector<Segment>& segs, const Update& update) {
+  for_all(segs, [&](const Segment& s, int64_t lo, int64_t hi) {
+    constexpr int64_t V = fVec::size();
+    int64_t i = lo;
+    for (; i + V <= hi; i += V) {
+      fVec s1 = kStates > 0 ? fVec::loadu(s.state1 + i) : fVec(0.f);
+      fVec s2 = kStates > 1 ? fVec::loadu(s.state2 + i) : fVec(0.f);
+      const fVec w = update(at::vec::convert<float>(bVec::loadu(s.grad + i, V)), fVec::loadu(s.weight + i), s1, s2);
+      if (kStates > 0) s1.store(s.state1 + i);
+      if (kStates > 1) s2.store(s.state2 + i);
+      w.store(s.weight + i);
+      at::vec::convert<BFloat16>(w).store(s.copy + i, V);
+    }
+    for (; i < hi; ++i) {
+      float s1 = kStates > 0 ? s.state1[i] : 0.f, s2 = kStates > 1 ? s.state2[i] : 0.f;
+      const float w = update(static_cast<float>(s.grad[i]), s.weight[i], s1, s2);
+      if (kStates > 0) s.state1[i] = s1;
+      if (kStates > 1) s.state2[i] = s2;
+      s.weight[i] = w;
+      s.copy[i] = static_cast<BFloat16>(w);
+    }
+  });
+}
+
 // torch.optim.SGD (fused CPU kernel): d = g + wd*w; b = first ? d : m*b + d; d = nesterov ? d + m*b : b;
 // w -= lr*d. No dampening (the trainer never sets it).
 void sgd(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> copies, std::vector<torch::Tensor> grads,
          std::vector<torch::Tensor> momentum_buffers, double lr, double momentum, double weight_decay, bool nesterov,
          bool first_step) {
-  const auto segs = segments(weights, copies, grads, momentum_buffers, {});
-  const float lr_ = lr, m = momentum, wd = weight_decay;
   const bool use_momentum = momentum != 0;
   TORCH_CHECK(!use_momentum || !momentum_buffers.empty(), "momentum needs momentum buffers");
-  for_all(segs, [&](const Segment& s, int64_t lo, int64_t hi) {
-    int64_t i = lo;
-    constexpr int64_t V = fVec::size();
-    for (; i + V <= hi; i += V) {
-      fVec d = at::vec::convert<float>(bVec::loadu(s.grad + i, V));
-      fVec w = fVec::loadu(s.weight + i);
-      if (wd != 0.f) d = d + w * fVec(wd);
-      if (use_momentum) {
-        fVec b = first_step ? d : fVec::loadu(s.state1 + i) * fVec(m) + d;
-        b.store(s.state1 + i);
-        d = nesterov ? d + b * fVec(m) : b;
-      }
-      w = w - d * fVec(lr_);
-      w.store(s.weight + i);
-      at::vec::convert<BFloat16>(w).store(s.copy + i, V);
+  const auto segs = segments(weights, copies, grads, use_momentum ? momentum_buffers : std::vector<torch::Tensor>{}, {});
+  const float lr_ = lr, m = momentum, wd = weight_decay;
+  const auto update = [&](auto d, auto w, auto& b, auto&) {
+    using T = decltype(d);
+    if (wd != 0.f) d = d + w * T(wd);
+    if (use_momentum) {
+      b = first_step ? d : b * T(m) + d;
+      d = nesterov ? d + b * T(m) : b;
     }
-    for (; i < hi; ++i) {
-      float d = static_cast<float>(s.grad[i]);
-      float w = s.weight[i];
-      if (wd != 0.f) d = d + w * wd;
-      if (use_momentum) {
-        const float b = first_step ? d : s.state1[i] * m + d;
-        s.state1[i] = b;
-        d = nesterov ? d + b * m : b;
-      }
-      w = w - d * lr_;
-      s.weight[i] = w;
-      s.copy[i] = static_cast<BFloat16>(w);
-    }
-  });
+    return w - d * T(lr_);
+  };
+  if (use_momentum) update_all<1>(segs, update);
+  else update_all<0>(segs, update);
 }
 
 // torch.optim.Adam / AdamW (fused CPU kernel, no amsgrad): L2 decay adds wd*w to the gradient,
@@ -124,48 +137,20 @@ void sgd(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> copies, 
 void adam(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> copies, std::vector<torch::Tensor> grads,
           std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs, double lr, double beta1,
           double beta2, double eps, double weight_decay, bool decoupled, double step) {
+  TORCH_CHECK(!exp_avgs.empty() && !exp_avg_sqs.empty(), "Adam needs exp_avg and exp_avg_sq");
   const auto segs = segments(weights, copies, grads, exp_avgs, exp_avg_sqs);
-  const double bias_correction1 = 1 - std::pow(beta1, step);
-  const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
-  const float step_size = lr / bias_correction1, bc2 = bias_correction2_sqrt;
+  const float step_size = lr / (1 - std::pow(beta1, step)), bc2 = std::sqrt(1 - std::pow(beta2, step));
   const float b1 = 1 - beta1, b2 = beta2, one_minus_b2 = 1 - beta2, eps_ = eps;
   const float wd = weight_decay, decay = 1 - lr * weight_decay;
-  for_all(segs, [&](const Segment& s, int64_t lo, int64_t hi) {
-    int64_t i = lo;
-    constexpr int64_t V = fVec::size();
-    for (; i + V <= hi; i += V) {
-      fVec g = at::vec::convert<float>(bVec::loadu(s.grad + i, V));
-      fVec w = fVec::loadu(s.weight + i);
-      if (wd != 0.f) {
-        if (decoupled) w = w * fVec(decay);
-        else g = g + w * fVec(wd);
-      }
-      fVec m = fVec::loadu(s.state1 + i);
-      m = m + fVec(b1) * (g - m);
-      fVec v = fVec::loadu(s.state2 + i) * fVec(b2) + g * g * fVec(one_minus_b2);
-      m.store(s.state1 + i);
-      v.store(s.state2 + i);
-      const fVec denom = v.sqrt() / fVec(bc2) + fVec(eps_);
-      w = w - fVec(step_size) * m / denom;
-      w.store(s.weight + i);
-      at::vec::convert<BFloat16>(w).store(s.copy + i, V);
+  update_all<2>(segs, [&](auto g, auto w, auto& m, auto& v) {
+    using T = decltype(g);
+    if (wd != 0.f) {
+      if (decoupled) w = w * T(decay);
+      else g = g + w * T(wd);
     }
-    for (; i < hi; ++i) {
-      float g = static_cast<float>(s.grad[i]);
-      float w = s.weight[i];
-      if (wd != 0.f) {
-        if (decoupled) w = w * decay;
-        else g = g + w * wd;
-      }
-      float m = s.state1[i];
-      m = m + b1 * (g - m);
-      const float v = s.state2[i] * b2 + g * g * one_minus_b2;
-      s.state1[i] = m;
-      s.state2[i] = v;
-      w = w - step_size * m / (std::sqrt(v) / bc2 + eps_);
-      s.weight[i] = w;
-      s.copy[i] = static_cast<BFloat16>(w);
-    }
+    m = m + T(b1) * (g - m);
+    v = v * T(b2) + g * g * T(one_minus_b2);
+    return w - T(step_size) * m / (square_root(v) / T(bc2) + T(eps_));
   });
 }
 
