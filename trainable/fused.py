@@ -9,7 +9,7 @@ AdamW, with the formulas of torch's fused CPU kernels, the state kept in the opt
 own format) and writes the new bf16 copy. The forward and backward passes compute exactly what
 they compute under autocast.
 
-The extension is built on first use by `torch.utils.cpp_extension` (about 30 s, once per machine
+The extension is built on first use by `torch.utils.cpp_extension` (about 25 s, once per machine
 and torch version; torch caches it under ~/.cache/torch_extensions) and needs a C++ compiler.
 Without one, or with HPTUNE_FUSED_BF16=0, training uses autocast and torch's fused optimizers.
 """

@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def prepare_fused_step(precision: str, quiet: bool) -> None:
     """Trials that train bf16 on this machine's CPU use the fused optimizer step, built on first
-    use (about 30 s, once per machine). Built here, before the trials start, they find it ready
+    use (about 25 s, once per machine). Built here, before the trials start, they find it ready
     instead of waiting for one another; where it cannot be built, the user is told once."""
     if autocast_dtype(precision, torch.device("cpu")) is not torch.bfloat16:
         return
