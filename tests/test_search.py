@@ -83,12 +83,19 @@ def test_custom_space_random_sampler_and_storage_are_honoured(cli, tmp_path):
 
 
 def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
-    # ASHA from epoch 1 on, keeping half: the baseline is the worst trial, yet it runs to the end
-    space = ("lr: {low: 0.01, high: 0.03, log: true}\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\n"
+    # ASHA from epoch 1 on, keeping half: the baseline is the worst trial, yet it runs to the end.
+    # ASHA is asynchronous: a trial is stopped at a rung only if it is below the median of the
+    # results that reached the rung BEFORE it, so which trials it stops depends on the order in
+    # which they get there. One trial at a time (--max-concurrent 1) fixes that order: the
+    # baseline, then the space's center (the list's first lr, 0.03: 80% after one epoch on the
+    # synthetic set), then the sampler's own trials (seed 0 draws at least one hopeless lr of
+    # 1e-6..4e-6: chance, 10%, after its epoch 1). A hopeless trial then meets a rung holding the
+    # baseline (10%) and the center (80%), whose median (45%) it is far below on any machine, in
+    # fp32 or bf16: it is stopped after epoch 1, before the stall rule could judge it at epoch 2.
+    space = ("lr: [0.03, 1.0e-6, 2.0e-6, 4.0e-6]\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\n"
              "momentum: 0.9\n")
-    # --no-center: the sampler's own 4 trials (seed 0) include ones that ASHA stops, which this test needs
     status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--grace-period",
-                           "1", "--reduction-factor", "2", "--no-center")
+                           "1", "--reduction-factor", "2", "--max-concurrent", "1")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     baseline = trials[trials["baseline"]]
@@ -108,6 +115,7 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     assert base_trial.user_attrs["outside_space"] == {"lr": 1e-3, "optimizer": "sgd", "batch_size": 64,
                                                       "epochs": 10, "momentum": 0.0}
     stopped = trials[trials["status"] == "early-stopped"]
+    assert (stopped["lr"] < 1e-5).all() and (stopped["epochs_run"] == 1).all(), stopped[["number", "lr"]]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(stopped) >= 1 and len(pruned) == len(stopped)
     assert sorted(len(t.intermediate_values) for t in pruned) == sorted(stopped["epochs_run"])
@@ -131,22 +139,41 @@ def test_asha_judges_each_trial_at_the_same_share_of_its_own_schedule(cli, tmp_p
     assert (stopped["epochs_run"] * 2 == stopped["epochs"]).all(), stopped[["epochs", "epochs_run"]]
 
 
-def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path):
-    # One logical GPU (no CUDA needed): scheduling is what is tested.
-    space = "lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 3\noptimizer: [sgd]\n"
+def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path, monkeypatch):
+    # One logical GPU (no CUDA needed): scheduling is what is tested. Every trial waits after its
+    # epoch 1 until the test releases it, and the test releases them only once four are waiting at
+    # the same time: that happens only if four trials hold a quarter of the GPU each at once,
+    # however fast or slow the machine starts and trains them.
+    import threading
+    import time
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(HOLD_ENV, f"1:0:{markers}")
+    four_waiting = threading.Event()
+
+    def release_when_four_wait() -> None:
+        deadline = time.monotonic() + 600  # a broken scheduler fails the test instead of hanging it
+        while time.monotonic() < deadline and not (markers / "arrived-3").exists():
+            time.sleep(0.05)
+        if (markers / "arrived-3").exists():
+            four_waiting.set()
+        (markers / "release").touch()
+
+    watcher = threading.Thread(target=release_when_four_wait, daemon=True)
+    watcher.start()
+    space = "lr: {low: 1.0e-3, high: 1.0e-2}\nbatch_size: [32]\nepochs: 2\noptimizer: [sgd]\n"
     status, _, err = cli(
         search,
         ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu", "--num-cpus", "2",
          "--num-gpus", "1", "--gpus-per-trial", "0.25", "--cpus-per-trial", "0.5", "--samples", "4", "--no-baseline",
          "--no-early-stop", "--space", space_file(tmp_path, space)],
     )
+    watcher.join()
     assert status == 0, err
+    assert four_waiting.is_set(), "four trials never waited at once"
     records = Journal(tmp_path / "results" / "gpu").read()
-    starts = {r["trial"]: r["time"] for r in records if r["event"] == "trial"}
-    ends = {r["trial"]: r["time"] for r in records if r["event"] == "end"}
-    assert len(starts) == len(ends) == 4
-    # all four were running at the moment the last of them started
-    assert max(starts.values()) < min(ends.values())
+    assert len({r["trial"] for r in records if r["event"] == "end"}) == 4
 
 
 def test_finished_experiment_is_not_overwritten(cli, tmp_path):
