@@ -1,8 +1,9 @@
-"""python -m trainable: train ONE configuration without Ray, one line per epoch.
+"""python -m trainable (also `hptune train`): train ONE configuration without Ray, one line per epoch.
 
     python -m trainable --tutorial --data data/cifar10-jpeg        # the tutorial's run
     python -m trainable --config results/<name>/best_config.yaml   # re-train a search's winner
     python -m trainable --lr 0.01 --batch-size 128 --epochs 15 --json
+    python -m trainable --model examples/cnn.py:Net --model-arg l1=64 --data examples/cnn.py:cifar10
 """
 
 from __future__ import annotations
@@ -15,44 +16,61 @@ from typing import Any
 
 import torch
 
-from trainable import challenge, fused
-from trainable.cli import OneLineParser, add_data_args, data_overrides, dumps, fail, positive_int
+from trainable import challenge
+from trainable.cli import OneLineParser, add_data_args, data_overrides, dumps, fail, model_arg, positive_int
 from trainable.config import OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
 from trainable.confirm import CONFIRM_FILE, confirm, describe, write_confirm
-from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer, flush_denormals, select_device, slow_epochs
+from trainable.data import Data, DataError, load_dataset
+from trainable.fit import Trainer, check_model, slow_epochs
+from trainable.hardware import flush_denormals, select_device
+from trainable.models import ModelError
+from trainable.own_loop import loop_of, run_own_loop
+from trainable.refs import BadReferenceError, UserCodeError
 
 PROG = "python -m trainable"
 # flag dest -> TrainConfig field, for the flags that override one field each
 HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule", "seed",
-                        "hidden")
+                        "model", "loop")
+EXAMPLES = """examples:
+  python -m trainable --tutorial --data data/cifar10-jpeg          the tutorial's run
+  python -m trainable --config results/NAME/best_config.yaml       re-train a search's winner
+  python -m trainable --model examples/cnn.py:net --model-arg l1=64 --data examples/cnn.py:cifar10"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Train one configuration of the tutorial's MLP (no Ray).")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Train one configuration, the tutorial's MLP or your own model (no Ray).",
+                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="YAML",
                      help="start from this configuration (e.g. a search's best_config.yaml)")
     src.add_argument("--tutorial", action="store_true",
                      help="exactly the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42)")
     h = p.add_argument_group("hyperparameters (override --config; the default is the tutorial's)")
-    h.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    h.add_argument("--batch-size", type=positive_int, help="images per step (default 64)")
-    h.add_argument("--epochs", type=positive_int, help="passes over the training set (default 10)")
+    h.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 1e-3)")
+    h.add_argument("--batch-size", type=positive_int, metavar="N", help="images per step (default 64)")
+    h.add_argument("--epochs", type=positive_int, metavar="N", help="passes over the training set (default 10)")
     h.add_argument("--optimizer", choices=OPTIMIZERS, help="default sgd")
-    h.add_argument("--momentum", type=float, help="SGD/Nesterov momentum (default 0)")
-    h.add_argument("--weight-decay", type=float, help="default 0")
+    h.add_argument("--momentum", type=float, metavar="M", help="SGD/Nesterov momentum (default 0)")
+    h.add_argument("--weight-decay", type=float, metavar="WD", help="L2 (decoupled for adamw) weight decay (default 0)")
     h.add_argument("--schedule", choices=SCHEDULES,
                    help="learning rate per epoch: constant (default) or cosine (from lr towards 0)")
-    h.add_argument("--seed", type=int, help="weight init and shuffling (default 42)")
+    h.add_argument("--seed", type=int, metavar="N", help="weight init and shuffling (default 42)")
     h.add_argument("--hidden", type=positive_int, nargs="+", metavar="WIDTH",
-                   help="hidden layer widths (default 512 512)")
+                   help="the tutorial MLP's hidden layer widths (default 512 512)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="REF",
+                   help="model factory: mlp (the tutorial's, default), MODULE:NAME or path/to/file.py:NAME")
+    m.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
+                   help="a model hyperparameter, passed to the factory as a keyword argument (repeatable)")
+    m.add_argument("--loop", metavar="REF",
+                   help="your own training loop (config, data, report) instead of ours: MODULE:NAME or FILE.py:NAME")
     r = p.add_argument_group("data and hardware")
     add_data_args(r)
     r.add_argument("--precision", choices=PRECISIONS,
                    help="auto (default): bf16 where the hardware runs it fast, else fp32")
-    r.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
-    r.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
+    r.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     o = p.add_argument_group("output")
     o.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K",
                    help="the train loss must fall in each of the last K epochs (default 3)")
@@ -72,15 +90,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.precision is not None:
         overrides["precision"] = args.precision
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if args.hidden or args.model_arg:
+        overrides["model_args"] = {**base.model_args, **({"hidden": args.hidden} if args.hidden else {}),
+                                   **dict(args.model_arg)}
     return base.with_updates(**overrides)  # data paths as given: relative ones stay relative
 
 
 def format_epoch(m: dict[str, Any], epochs: int, history: list[dict[str, Any]] | None = None) -> str:
+    train_accuracy = m.get("train_accuracy")
+    speed = f", {m['samples_per_second']:,.0f} samples/s" if m.get("samples_per_second") else ""
     line = (
         f"Epoch {m['epoch']:>3}/{epochs}  train_loss {m['train_loss']:.4f}  "
-        f"train_accuracy {100 * m['train_accuracy']:5.1f}%  "
-        f"test_loss {m['test_loss']:.4f}  test_accuracy {100 * m['test_accuracy']:5.1f}%  "
-        f"[{m['epoch_seconds']:.1f} s, {m['samples_per_second']:,.0f} samples/s]"
+        + (f"train_accuracy {100 * train_accuracy:5.1f}%  " if train_accuracy is not None else "")
+        + f"test_loss {m['test_loss']:.4f}  test_accuracy {100 * m['test_accuracy']:5.1f}%  "
+        f"[{m['epoch_seconds']:.1f} s{speed}]"
     )
     if m["diverged"]:
         line += "  DIVERGED"
@@ -98,16 +121,6 @@ def epoch_bar(epochs: int):  # noqa: ANN201 - a tqdm bar
                 bar_format="epoch {n_fmt}/{total_fmt} |{bar:30}| {elapsed} elapsed, about {remaining} left")
 
 
-def format_verdict(m: dict[str, Any], window: int) -> str:
-    if m["diverged"]:
-        return "Challenge: not met (training diverged: the loss became NaN or infinite)"
-    falling = "still falling" if m["still_decreasing"] else f"not falling in each of the last {window} epochs"
-    crossing = f", below since epoch {m['crossing_epoch']}" if m["crossing_epoch"] is not None else ""
-    chance = "" if m["above_chance"] else "; test accuracy within 3 points of chance"
-    met = "met" if m["challenge_met"] else "not met"
-    return f"Challenge: {met} ({challenge.gap_text(m)}{crossing}; train loss {falling}{chance})"
-
-
 def free_path(path: Path) -> Path:
     """`path`, or path-2, path-3 ... if it exists: earlier results are never overwritten."""
     n = 2
@@ -118,7 +131,7 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
-def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Dataset, device: torch.device) -> int:
+def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Data, device: torch.device) -> int:
     def show(row: dict[str, Any]) -> None:
         if args.json:
             print(dumps(row), flush=True)
@@ -138,42 +151,76 @@ def run_seeds(args: argparse.Namespace, config: TrainConfig, data: Dataset, devi
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         config = config_from_args(args)
         device = select_device(args.device)
     except (ConfigError, RuntimeError) as exc:
-        return fail(PROG, str(exc))
+        return fail(prog, str(exc))
     flush_denormals(device)  # before torch starts its threads; see flush_denormals
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         data = load_dataset(config.data, config.data_root, cache_dir=args.cache_dir)
-    except DataError as exc:
-        return fail(PROG, str(exc))
+        loop = loop_of(config.loop) if config.loop else None
+        if loop is None or config.model != "mlp":
+            check_model(config, data)
+    except (DataError, ModelError, BadReferenceError, UserCodeError) as exc:
+        return fail(prog, str(exc))
     if args.seeds:
         return run_seeds(args, config, data, device)
+    try:
+        if loop is not None:
+            return train_own_loop(args, config, data, loop)
+        return train(args, config, data, device)
+    except (ModelError, UserCodeError) as exc:
+        return fail(prog, str(exc), status=1)
+
+
+def train(args: argparse.Namespace, config: TrainConfig, data: Data, device: torch.device) -> int:
     trainer = Trainer(config, data, device=device, challenge_window=args.challenge_window)
     if not args.json:
-        step = ", fused step" if trainer.fused else ""
-        if trainer.precision == "bf16" and device.type == "cpu" and fused.unavailable_reason():
-            step = f"; fused step not used: {fused.unavailable_reason()}"
-        print(f"{data!r} on {device} ({trainer.precision}{step}); {config.to_dict()}")
+        print(f"{data!r} on {device} ({trainer.precision_text}); {config.to_dict()}")
     last: dict[str, Any] | None = None
     bar = epoch_bar(config.epochs) if sys.stdout.isatty() and not args.json else None
     for last in trainer.run():
-        line = dumps(last) if args.json else format_epoch(last, config.epochs, trainer.history)
-        if bar is None:
-            print(line, flush=True)
-        else:  # the epoch's line above the bar, which moves on by one
-            bar.write(line, file=sys.stdout)
-            bar.update(1)
+        show_epoch(args, last, config, trainer.history, bar)
     if bar is not None:
         bar.close()
     if last is not None and not args.json:
-        print(format_verdict(last, args.challenge_window))
+        print(_capital(challenge.verdict_text(last, args.challenge_window)))
     return 0
+
+
+def show_epoch(args: argparse.Namespace, metrics: dict[str, Any], config: TrainConfig,
+               history: list[dict[str, Any]], bar: Any = None) -> None:
+    line = dumps(metrics) if args.json else format_epoch(metrics, config.epochs, history)
+    if bar is None:
+        print(line, flush=True)
+    else:  # the epoch's line above the bar, which moves on by one
+        bar.write(line, file=sys.stdout)
+        bar.update(1)
+
+
+def train_own_loop(args: argparse.Namespace, config: TrainConfig, data: Data, loop: Any) -> int:
+    """The configuration's own training loop (`loop:`), its reported epochs printed as ours."""
+    if not args.json:
+        print(f"{data!r}; your training loop {config.loop}; {config.to_dict()}")
+    seen: list[dict[str, Any]] = []
+
+    def on_epoch(metrics: dict[str, Any], state: Any) -> None:
+        seen.append(metrics)
+        show_epoch(args, metrics, config, seen)
+
+    history = run_own_loop(loop, config, data, on_epoch, challenge_window=args.challenge_window)
+    if not args.json:
+        print(_capital(challenge.verdict_text(history[-1], args.challenge_window)))
+    return 0
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 if __name__ == "__main__":

@@ -50,9 +50,16 @@ from trainable import fused
 from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import (KEEP_FREED_MEMORY_ENV, Trainer, autocast_dtype, fast_bf16, fit, flush_denormals,
-                           select_device)
-from trainable.model import build_model
+from trainable.fit import Trainer, fit
+from trainable.hardware import (
+    KEEP_FREED_MEMORY_ENV,
+    autocast_dtype,
+    fast_bf16,
+    flush_denormals,
+    fused_note,
+    select_device,
+)
+from trainable.models import mlp
 
 PROG = "python -m trainable.bench"
 CPU = torch.device("cpu")
@@ -84,9 +91,9 @@ def tutorial_test_loop(dataloader: torch.utils.data.DataLoader, model: nn.Module
     model.eval()
     test_loss, correct = 0.0, 0.0
     with torch.no_grad():
-        for X, y in dataloader:
-            X, y = X.to(device), y.to(device)
-            pred = model(X)
+        for x, y in dataloader:
+            x, y = x.to(device), y.to(device)
+            pred = model(x)
             test_loss += loss_fn(pred, y).item()
             correct += (pred.argmax(1) == y).type(torch.float).sum().item()
     return test_loss / len(dataloader), correct / len(dataloader.dataset)
@@ -96,9 +103,9 @@ def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Modul
                         optimizer: torch.optim.Optimizer, device: torch.device = CPU) -> None:
     """The tutorial's train_loop, minus its print; batches moved to `device` as in test_loop."""
     model.train()
-    for batch, (X, y) in enumerate(dataloader):
-        X, y = X.to(device), y.to(device)
-        pred = model(X)
+    for batch, (x, y) in enumerate(dataloader):
+        x, y = x.to(device), y.to(device)
+        pred = model(x)
         loss = loss_fn(pred, y)
         loss.backward()
         optimizer.step()
@@ -109,10 +116,10 @@ def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Modul
 
 def time_tutorial(data: Dataset, batch_size: int, device: torch.device = CPU) -> Callable[[], float]:
     torch.manual_seed(42)
-    model = build_model(data.input_shape, data.num_classes).to(device)
+    model = mlp(data.input_shape, data.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    train = torch.utils.data.DataLoader(TutorialDataset(data.train_images, data.train_labels), batch_size=batch_size)
-    test = torch.utils.data.DataLoader(TutorialDataset(data.test_images, data.test_labels), batch_size=batch_size)
+    train = torch.utils.data.DataLoader(TutorialDataset(data.train_inputs, data.train_labels), batch_size=batch_size)
+    test = torch.utils.data.DataLoader(TutorialDataset(data.test_inputs, data.test_labels), batch_size=batch_size)
     loss_fn = nn.CrossEntropyLoss()
 
     def run() -> float:
@@ -284,14 +291,14 @@ def precision_check(data: Dataset, device: torch.device = CPU) -> list[tuple[str
     return [(p, list(fit(TrainConfig(precision=p), data, device=device))) for p in ("fp32", "bf16")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Time one training epoch: the tutorial's pipeline against ours.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Time one training epoch: the tutorial's pipeline against ours.")
     add_data_args(p)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--repeats", type=positive_int, default=3,
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per step (default 64)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
                    help="timed epochs per contender; the median is reported (default 3)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (cuda -> mps -> cpu, as `python -m trainable`), cpu, cuda, cuda:1: where both "
                         "pipelines and the floor's GEMMs run")
     p.add_argument("--precision-check", action="store_true",
@@ -302,19 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         device = select_device(args.device)
     except RuntimeError as exc:
-        return fail(PROG, str(exc))
+        return fail(prog, str(exc))
     flush_denormals(torch.device("cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
     except DataError as exc:
-        return fail(PROG, str(exc))
+        return fail(prog, str(exc))
     bf16 = "native bf16" if fast_bf16(device) else "no native bf16"
     print(f"{data!r}; {device_name(device)} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.first_epochs:
@@ -342,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     medians = speed(data, args.batch_size, args.repeats, device)
     print_speed(medians, data, args.batch_size, args.repeats)
     if fused.unavailable_reason():
-        print(f"fused bf16 step not used: {fused.unavailable_reason()}")
+        print(f"bf16 {fused_note()}")
     return 0
 
 

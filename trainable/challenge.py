@@ -72,3 +72,26 @@ def gap_text(metrics: Mapping[str, Any]) -> str:
     relation = "<" if below(metrics) else ">="
     return (f"train_loss {float(metrics['train_loss']):.4f} {relation} test_loss {float(metrics['test_loss']):.4f}"
             f" - {margin(metrics):.4f} ({NOISE_SES:g} SE)")
+
+
+def verdict_text(metrics: Mapping[str, Any] | None, window: int = DEFAULT_WINDOW) -> str:
+    """The verdict after a run's last epoch, in words, with its margin: the ONE rendering every
+    command, file and page uses (the report's HTML wraps it).
+
+    'challenge met (train_loss 0.8882 < test_loss 1.2399 - 0.0261 (2 SE), below since epoch 3,
+    falling in each of the last 3 epochs)'"""
+    if not metrics or metrics.get("train_loss") is None or metrics.get("test_loss") is None:
+        return "challenge not met (no result)"
+    if metrics.get("diverged"):
+        return "challenge not met (training diverged: the loss became NaN or infinite)"
+    gap = gap_text(metrics)
+    crossing = metrics.get("crossing_epoch")
+    since = f"below since epoch {crossing}" if metrics.get("train_below_test") and crossing is not None else ""
+    if metrics.get("challenge_met"):
+        return f"challenge met ({gap}, {since}, falling in each of the last {window} epochs)"
+    parts = [gap, since]
+    if not metrics.get("still_decreasing"):
+        parts.append(f"not falling in each of the last {window} epochs")
+    if metrics.get("above_chance") is False:
+        parts.append(f"test accuracy within {100 * ABOVE_CHANCE:.0f} points of chance")
+    return f"challenge not met ({'; '.join(p for p in parts if p)})"

@@ -56,14 +56,15 @@ non_negative_int = int_at_least(0, "non_negative_int")
 
 
 DATA_HELP = ("cifar10 (default), cifar100, mnist, fashion-mnist (torchvision's, by name), synthetic, "
-             "or an image folder with train/<class>/ and test/<class>/")
+             "an image folder with train/<class>/ and test/<class>/, or a data factory MODULE:NAME or FILE.py:NAME")
 
 
 def add_data_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--data, --data-root and --cache-dir, declared alike by every command."""
-    parser.add_argument("--data", help=DATA_HELP)
-    parser.add_argument("--data-root", help="where torchvision's data sets are found or downloaded (default ./data)")
-    parser.add_argument("--cache-dir",
+    parser.add_argument("--data", metavar="NAME|FOLDER|REF", help=DATA_HELP)
+    parser.add_argument("--data-root", metavar="FOLDER",
+                        help="where torchvision's data sets are found or downloaded (default ./data)")
+    parser.add_argument("--cache-dir", metavar="FOLDER",
                         help="where decoded image folders are cached (default ~/.cache/hptune or $HPTUNE_CACHE)")
 
 
@@ -88,3 +89,17 @@ def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def dumps(metrics: dict[str, Any]) -> str:
     return json.dumps(jsonable(metrics), allow_nan=False)
+
+
+def model_arg(text: str) -> tuple[str, Any]:
+    """argparse type of --model-arg: NAME=VALUE, the value read as YAML (64, 0.5, true, [64, 32], relu)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. width=256), got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    return name, parsed

@@ -1,13 +1,17 @@
 """TrainConfig: everything that decides how ONE configuration trains, and its YAML form.
 
-The defaults are the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42,
-two hidden layers of 512), so `TrainConfig()` *is* the tutorial's run.
+The defaults are the tutorial's hyperparameters (SGD, lr 1e-3, batch 64, 10 epochs, seed 42, its
+MLP with two hidden layers of 512), so `TrainConfig()` *is* the tutorial's run. A user's own model
+and data are references (``pkg.module:factory`` or ``path/to/file.py:factory``, see
+trainable/refs.py) with the model's hyperparameters in `model_args`, so a configuration's YAML
+re-trains the same network on the same data anywhere the code is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,8 @@ from trainable.fileio import atomic_write_text, read_yaml, yaml_number
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("constant", "cosine")
+# the training hyperparameters a search space may set (besides the model's, model.NAME)
+TRAINING_HYPERPARAMETERS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
 
 
 class ConfigError(ValueError):
@@ -36,11 +42,17 @@ class TrainConfig:
     schedule: str = "constant"  # learning rate per epoch: constant, or cosine from lr down towards 0
     seed: int = 42  # weight init and the per-epoch shuffles
     precision: str = "auto"  # auto: bf16 autocast where the hardware runs it fast, else fp32
-    hidden: list[int] = field(default_factory=lambda: [512, 512])  # widths of the hidden layers
+    # the model factory: mlp (the tutorial's, trainable/models.py) or a reference MODULE:NAME or FILE.py:NAME
+    model: str = "mlp"
+    # keyword arguments of the model factory (its hyperparameters; the mlp's: hidden, width, depth)
+    model_args: dict[str, Any] = field(default_factory=dict)
     # cifar10 | cifar100 | mnist | fashion-mnist | synthetic | path to an image folder with train/
-    # and test/; a relative path is relative to the working directory and is kept as given
+    # and test/ | a data factory's reference; a relative path is relative to the working
+    # directory and is kept as given
     data: str = "cifar10"
     data_root: str = "data"  # where torchvision's data sets are looked for and downloaded to
+    # a training loop of the user's own, (config, data, report) -> None, instead of ours (trainable/own_loop.py)
+    loop: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,10 +76,19 @@ class TrainConfig:
             raise ConfigError(f"schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not self.hidden or any(w < 1 for w in self.hidden):
-            raise ConfigError(f"hidden: must be a non-empty list of positive widths, got {self.hidden}")
+        if not self.model:
+            raise ConfigError("model: must not be empty (mlp is the tutorial's)")
         if not self.data:
             raise ConfigError("data: must not be empty")
+        if self.loop is not None and not self.loop:
+            raise ConfigError("loop: must be a reference MODULE:NAME or FILE.py:NAME, or left out")
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The searchable values, the model's as model.NAME: what a trial's row shows."""
+        values = {k: getattr(self, k) for k in TRAINING_HYPERPARAMETERS}
+        values.update({f"model.{k}": v for k, v in self.model_args.items()})
+        return values
 
     # --- dict / YAML -----------------------------------------------------------------------
 
@@ -84,6 +105,10 @@ class TrainConfig:
             raise ConfigError(f"a configuration must be a mapping of keys to values, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
         merged = (base or cls()).to_dict()
+        values = dict(values)
+        if "hidden" in values:  # written by versions before model_args: the tutorial MLP's widths
+            hidden = values.pop("hidden")
+            values["model_args"] = {**values.get("model_args", merged["model_args"]), "hidden": hidden}
         for key, value in values.items():
             if key not in hints:
                 known = ", ".join(hints)
@@ -116,6 +141,15 @@ class TrainConfig:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the field's type; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {value!r}")
+        return {str(k): _model_value(f"{key}.{k}", v) for k, v in value.items()}
     if origin in (list, tuple):
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -135,3 +169,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise NotImplementedError(f"{key}: {hint}")
+
+
+def _model_value(key: str, value: Any) -> Any:
+    """A model hyperparameter: a number, a string, a bool, or a list of those (YAML-safe)."""
+    value = yaml_number(value)
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return [yaml_number(v) for v in value]
+    raise ConfigError(f"{key}: expected a number, a string, true/false or a list of those, got {value!r}")

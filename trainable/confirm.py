@@ -14,7 +14,7 @@ import torch
 
 from trainable.challenge import DEFAULT_WINDOW
 from trainable.config import TrainConfig
-from trainable.data import Dataset
+from trainable.data import Data
 from trainable.fileio import atomic_write_text
 from trainable.fit import fit
 
@@ -30,17 +30,19 @@ def new_seeds(config: TrainConfig, n: int) -> list[int]:
 
 def confirm(
     config: TrainConfig,
-    data: Dataset,
+    data: Data,
     n: int,
     *,
     challenge_window: int = DEFAULT_WINDOW,
     device: torch.device | str | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    model_factory: Callable[..., Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `config` with `n` seeds it was not searched with; the final metrics of each run."""
     rows = []
     for seed in new_seeds(config, n):
-        history = list(fit(config.with_updates(seed=seed), data, device=device, challenge_window=challenge_window))
+        history = list(fit(config.with_updates(seed=seed), data, device=device, challenge_window=challenge_window,
+                           model_factory=model_factory))
         last = history[-1]
         row = {"seed": seed, "epochs_run": len(history), **{k: last[k] for k in COLUMNS[2:]}}
         rows.append(row)

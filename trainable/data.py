@@ -1,4 +1,4 @@
-"""Load a data set ONCE into memory: uint8 images (N, C, H, W), int64 labels, class names.
+"""Load a data set ONCE into memory: inputs (N, ...), int64 labels, class names.
 
 Every source ends in the same `Dataset`, so the training loop never sees files:
 
@@ -8,28 +8,39 @@ Every source ends in the same `Dataset`, so the training loop never sees files:
                 1x28x28 grayscale, the CIFAR sets 3x32x32;
 - a folder      ``<path>/train/<class>/*.jpg`` and ``<path>/test/<class>/*.jpg`` (torchvision's
                 ImageFolder layout); decoded once, then cached on disk as arrays;
-- ``synthetic`` a small learnable set generated from a seed, for tests and smoke runs.
+- ``synthetic`` a small learnable set generated from a seed, for tests and smoke runs;
+- a data factory, ``pkg.module:factory`` or ``path/to/file.py:factory``: a function of no
+                arguments returning the train and test splits, as tensors or arrays, or as
+                map-style torch Datasets (`from_splits` says which forms).
 
-Arrays are numpy so Ray can share them zero-copy through its object store.
+Inputs are uint8 images (scaled to [0, 1] per batch, as torchvision's ToTensor does), floats
+(used as they are; float64 is stored as float32) or other integers (handed to the model as they
+are, e.g. token ids). Arrays are numpy so Ray can share them zero-copy through its object store.
+Map-style Datasets too large to hold in memory (`memory_limit`) stay Datasets (`StreamedData`),
+read through a DataLoader in each trial.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import urllib.error
+import warnings
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 from filelock import FileLock
 
 from trainable.fileio import atomic_write_bytes
+from trainable.refs import BadReferenceError, call_user, describe, is_reference, resolve
 
 # torchvision's ImageFolder extensions; anything else in a class folder is ignored, as there.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -42,43 +53,321 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    train_images: np.ndarray  # uint8 (N, C, H, W)
-    train_labels: np.ndarray  # int64 (N,)
-    test_images: np.ndarray  # uint8 (M, C, H, W)
+    train_inputs: np.ndarray  # (N, ...): uint8 images (N, C, H, W), floats, or integers
+    train_labels: np.ndarray  # int64 (N,), class indices 0 .. num_classes - 1
+    test_inputs: np.ndarray  # (M, ...), the same dtype and shape per example
     test_labels: np.ndarray  # int64 (M,)
     classes: tuple[str, ...]
     source: str  # what was loaded, for messages and reports
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_inputs.shape[1:])
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.train_inputs, self.train_labels, self.test_inputs, self.test_labels))
+
     def __repr__(self) -> str:
+        kind = "images" if self.train_inputs.dtype == np.uint8 and len(self.input_shape) == 3 else "inputs"
         return (
             f"Dataset({self.source}: {len(self.train_labels)} train + {len(self.test_labels)} test, "
-            f"{self.num_classes} classes, images {'x'.join(map(str, self.input_shape))})"
+            f"{self.num_classes} classes, {kind} {'x'.join(map(str, self.input_shape))}"
+            f"{'' if kind == 'images' else ' ' + str(self.train_inputs.dtype)})"
         )
+
+
+@dataclass(frozen=True)
+class StreamedData:
+    """Map-style Datasets too large to load into memory once: each trial reads them through a
+    DataLoader (an item is (input, label); inputs as for `Dataset`)."""
+
+    train: Any  # torch.utils.data.Dataset
+    test: Any
+    input_shape: tuple[int, ...]
+    input_dtype: str  # of one example, e.g. "uint8", "float32"
+    classes: tuple[str, ...]
+    source: str
+    nbytes: int  # what holding both splits in memory would take
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    def __repr__(self) -> str:
+        return (f"StreamedData({self.source}: {len(self.train)} train + {len(self.test)} test, "
+                f"{self.num_classes} classes, inputs {'x'.join(map(str, self.input_shape))} {self.input_dtype}, "
+                "read through a DataLoader)")
+
+
+Data = Union[Dataset, StreamedData]  # noqa: UP007 - a runtime alias
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("HPTUNE_CACHE", "~/.cache/hptune")).expanduser()
 
 
-def load_dataset(source: str, data_root: str | os.PathLike[str] = "data",
-                 cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
-    """Load `source` (a torchvision set's name, ``synthetic`` or an image-folder path) into memory.
+DEFAULT_MEMORY_LIMIT = 8 << 30  # bytes: a map-style Dataset larger than this is streamed
 
-    A relative path (image folder, data root) is relative to the working directory.
+
+def load_dataset(source: str, data_root: str | os.PathLike[str] = "data",
+                 cache_dir: str | os.PathLike[str] | None = None, *,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT) -> Data:
+    """Load `source` (a torchvision set's name, ``synthetic``, an image-folder path, or a data
+    factory's reference) into memory.
+
+    A relative path (image folder, data root, a factory's file) is relative to the working directory.
     """
     if source in TORCHVISION_SETS:
         return load_torchvision(source, data_root)
     if source == "synthetic":
         return make_synthetic()
+    if is_reference(source):
+        try:
+            factory = resolve(source, "data")
+        except BadReferenceError as exc:
+            raise DataError(str(exc)) from None
+        return from_factory(factory, source, memory_limit=memory_limit)
     return load_image_folder(source, cache_dir=cache_dir)
+
+
+def from_factory(factory: Any, source: str | None = None, *, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> Data:
+    """Call a data factory (no arguments) and turn what it returns into a Dataset (`from_splits`).
+    What it raises becomes a UserCodeError naming it."""
+    source = source or describe(factory)
+    result = call_user(factory, "the data factory")
+    return from_splits(result, source, memory_limit=memory_limit, what=f"the data factory {source}")
+
+
+# --- a user's splits ---------------------------------------------------------------------------
+
+
+def from_splits(result: Any, source: str, *, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                what: str = "the data") -> Data:
+    """A Dataset from what a data factory returns. Accepted forms:
+
+    - ``(train, test)`` where each split is ``(inputs, labels)`` (tensors or numpy arrays) or a
+      map-style torch Dataset whose items are ``(input, label)``;
+    - ``(train_inputs, train_labels, test_inputs, test_labels)``;
+    - a dict ``{"train": ..., "test": ..., "classes": [names]}`` (classes optional);
+    - a `Dataset` of this module.
+
+    Labels are whole numbers 0 .. C-1 (C: len(classes), or the largest label + 1). DataError
+    naming the problem for anything else.
+    """
+    if isinstance(result, (Dataset, StreamedData)):
+        return result
+    classes = None
+    if isinstance(result, dict):
+        unknown = set(result) - {"train", "test", "classes"}
+        if unknown or not {"train", "test"} <= set(result):
+            raise DataError(f"{what} returned a dict with keys {sorted(result)}; expected train, test and "
+                            "optionally classes")
+        train, test, classes = result["train"], result["test"], result.get("classes")
+    elif isinstance(result, (tuple, list)) and len(result) == 4 and not any(_is_split(r) for r in result):
+        train, test = (result[0], result[1]), (result[2], result[3])
+    elif isinstance(result, (tuple, list)) and len(result) == 2:
+        train, test = result
+    else:
+        raise DataError(f"{what} returned {_kind(result)}; expected (train, test) with each split (inputs, labels) "
+                        "or a map-style torch Dataset, or (train_inputs, train_labels, test_inputs, test_labels)")
+    splits = {"train": _split(train, "train", what), "test": _split(test, "test", what)}
+    if any(isinstance(s, _Lazy) for s in splits.values()):
+        lazy = {k: (v if isinstance(v, _Lazy) else _Lazy.of_arrays(*v)) for k, v in splits.items()}
+        return _from_lazy(lazy, classes, source, memory_limit, what)
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    return _checked(train_x, train_y, test_x, test_y, classes, source, what)
+
+
+def _is_split(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) or _is_map_dataset(value)
+
+
+def _is_map_dataset(value: Any) -> bool:
+    return (hasattr(value, "__getitem__") and hasattr(value, "__len__")
+            and not isinstance(value, (np.ndarray, tuple, list, str, dict)) and not _is_tensor(value))
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _array(value: Any, name: str, what: str) -> np.ndarray:
+    """A numpy array from a tensor or array (a tensor in bf16 or on a GPU is brought to the CPU)."""
+    if _is_tensor(value):
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype in (torch.bfloat16, torch.float16):
+            value = value.float()
+        return value.numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return np.asarray(value)
+        except ValueError:
+            pass
+    raise DataError(f"{what}: {name} is {_kind(value)}; expected a tensor or a numpy array")
+
+
+def _split(value: Any, split: str, what: str) -> tuple[np.ndarray, np.ndarray] | _Lazy:
+    if _is_map_dataset(value):
+        return _Lazy(value, split, what)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise DataError(f"{what}: the {split} split is {_kind(value)}; expected (inputs, labels) or a map-style "
+                        "torch Dataset")
+    return _array(value[0], f"the {split} inputs", what), _array(value[1], f"the {split} labels", what)
+
+
+def _labels(labels: np.ndarray, split: str, n: int, what: str) -> np.ndarray:
+    if labels.ndim != 1:
+        raise DataError(f"{what}: the {split} labels have shape {labels.shape}; expected one class index per example "
+                        f"(shape ({n},)), not one-hot rows")
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{what}: the {split} labels are {labels.dtype}; expected whole numbers (class indices "
+                        "0 .. C-1)")
+    if len(labels) != n:
+        raise DataError(f"{what}: the {split} split has {n} inputs but {len(labels)} labels")
+    if n and labels.min() < 0:
+        raise DataError(f"{what}: the {split} labels include {labels.min()}; class indices start at 0")
+    return labels.astype(np.int64, copy=False)
+
+
+def _inputs(inputs: np.ndarray, split: str, what: str) -> np.ndarray:
+    if inputs.ndim < 1 or not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == np.bool_):
+        raise DataError(f"{what}: the {split} inputs are {inputs.dtype}; expected numbers")
+    if len(inputs) == 0:
+        raise DataError(f"{what}: the {split} split is empty")
+    if inputs.dtype == np.float64:
+        inputs = inputs.astype(np.float32)  # trained in fp32 (or bf16) anyway: half the memory
+    elif inputs.dtype == np.bool_:
+        inputs = inputs.astype(np.uint8) * 255  # a 0/1 image: scaled back to 0/1 like any uint8 one
+    return np.ascontiguousarray(inputs)
+
+
+def _classes(classes: Any, labels: list[np.ndarray], what: str) -> tuple[str, ...]:
+    top = max(int(y.max()) for y in labels if len(y)) + 1
+    if classes is None:
+        if top < 2:
+            raise DataError(f"{what}: every label is 0; a classifier needs at least two classes")
+        return tuple(str(i) for i in range(top))
+    names = tuple(str(c) for c in classes)
+    if len(names) < 2:
+        raise DataError(f"{what}: classes names {len(names)} class(es); a classifier needs at least two")
+    if top > len(names):
+        raise DataError(f"{what}: a label is {top - 1}, out of range for {len(names)} classes (0 .. {len(names) - 1})")
+    return names
+
+
+def _checked(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, classes: Any,
+             source: str, what: str) -> Dataset:
+    train_x, test_x = _inputs(train_x, "train", what), _inputs(test_x, "test", what)
+    train_y = _labels(train_y, "train", len(train_x), what)
+    test_y = _labels(test_y, "test", len(test_x), what)
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(f"{what}: train inputs are {train_x.shape[1:]} per example, test inputs {test_x.shape[1:]}")
+    if train_x.dtype != test_x.dtype:
+        test_x = test_x.astype(train_x.dtype)
+    return Dataset(train_x, train_y, test_x, test_y, _classes(classes, [train_y, test_y], what), source)
+
+
+class _Lazy:
+    """One split given as a map-style Dataset, before it is loaded (or left to stream)."""
+
+    def __init__(self, dataset: Any, split: str, what: str) -> None:
+        self.dataset, self.split, self.what = dataset, split, what
+        try:
+            self.n = len(dataset)
+        except Exception as exc:  # noqa: BLE001 - the user's Dataset
+            raise DataError(f"{what}: len() of the {split} Dataset raised {type(exc).__name__}: {exc}") from None
+        if self.n == 0:
+            raise DataError(f"{what}: the {split} split is empty")
+        x, y = self.item(0)
+        self.shape, self.dtype = x.shape, x.dtype
+
+    @classmethod
+    def of_arrays(cls, inputs: np.ndarray, labels: np.ndarray) -> Any:
+        import torch.utils.data
+
+        return cls(torch.utils.data.TensorDataset(torch_tensor(inputs), torch_tensor(labels)), "", "")
+
+    def item(self, i: int) -> tuple[np.ndarray, int]:
+        try:
+            item = self.dataset[i]
+        except Exception as exc:  # noqa: BLE001 - the user's Dataset
+            raise DataError(f"{self.what}: the {self.split} Dataset's item {i} raised {type(exc).__name__}: "
+                            f"{exc}") from None
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError(f"{self.what}: an item of the {self.split} Dataset is {_kind(item)}; expected "
+                            "(input, label)")
+        x, y = item
+        if type(x).__module__.startswith("PIL"):
+            raise DataError(f"{self.what}: the {self.split} Dataset gives PIL images; give it a transform that makes "
+                            "tensors (torchvision.transforms.PILToTensor() keeps uint8, ToTensor() scales to floats)")
+        x = _array(x, f"an input of the {self.split} Dataset", self.what)
+        label = np.asarray(_array(y, "a label", self.what) if not isinstance(y, (int, np.integer)) else y)
+        if label.ndim != 0 or not np.issubdtype(label.dtype, np.integer):
+            raise DataError(f"{self.what}: a label of the {self.split} Dataset is {label!r}; expected a whole number")
+        return x, int(label)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * (int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize + 8)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        inputs = np.empty((self.n, *self.shape), dtype=self.dtype)
+        labels = np.empty(self.n, dtype=np.int64)
+        for i in range(self.n):
+            x, y = self.item(i)
+            if x.shape != self.shape:
+                raise DataError(f"{self.what}: item {i} of the {self.split} Dataset has shape {x.shape}, item 0 "
+                                f"{self.shape}; every input must have one shape")
+            inputs[i], labels[i] = x, y
+        return inputs, labels
+
+
+def torch_tensor(array: np.ndarray) -> Any:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")  # Ray's arrays are read-only; we only read
+        return torch.from_numpy(array)
+
+
+def _from_lazy(splits: dict[str, _Lazy], classes: Any, source: str, memory_limit: int, what: str) -> Data:
+    train, test = splits["train"], splits["test"]
+    if train.shape != test.shape:
+        raise DataError(f"{what}: train inputs are {train.shape} per example, test inputs {test.shape}")
+    nbytes = train.nbytes + test.nbytes
+    if nbytes <= memory_limit:
+        (train_x, train_y), (test_x, test_y) = train.load(), test.load()
+        return _checked(train_x, train_y, test_x, test_y, classes, source, what)
+    # Too large to hold: the labels are still read once, to know the classes and check them.
+    labels = [np.array([s.item(i)[1] for i in range(s.n)], dtype=np.int64) for s in (train, test)]
+    names = _classes(classes, labels, what)
+    return StreamedData(train.dataset, test.dataset, tuple(train.shape), str(np.dtype(train.dtype)), names, source,
+                        nbytes)
 
 
 # --- synthetic -----------------------------------------------------------------------------
@@ -167,7 +456,7 @@ def load_torchvision(name: str, data_root: str | os.PathLike[str]) -> Dataset:
         except RuntimeError:  # "Dataset not found or corrupted"
             train = _download(cls, spec, root)
         test = cls(str(root), train=False, download=False)
-    return Dataset(*_arrays(train), *_arrays(test), tuple(train.classes), f"{name}({root})")
+    return Dataset(*_arrays(train), *_arrays(test), tuple(train.classes), f"{name}({root})")  # uint8 (N, C, H, W)
 
 
 def load_cifar10(data_root: str | os.PathLike[str]) -> Dataset:
@@ -287,8 +576,17 @@ def _decode(path: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
-    except Exception as exc:  # PIL raises many types for bad files
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
         raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def _fill(images: np.ndarray, paths: list[str], shape: tuple[int, ...], i: int) -> None:
+    """Decode image `i` into its row of `images`; every image must have the first one's `shape`."""
+    pixels = _decode(paths[i])
+    if pixels.shape != shape:
+        raise DataError(f"{paths[i]}: image is {pixels.shape[1]}x{pixels.shape[0]}, but {paths[0]} is "
+                        f"{shape[1]}x{shape[0]}; all images must have one size")
+    images[i] = pixels.transpose(2, 0, 1)
 
 
 def _decode_image_folder(root: Path, listing: Listing) -> Dataset:
@@ -298,19 +596,9 @@ def _decode_image_folder(root: Path, listing: Listing) -> Dataset:
         labels = np.concatenate([np.full(len(entries), i, dtype=np.int64) for i, (_, entries) in enumerate(classes)])
         first = _decode(paths[0])
         images = np.empty((len(paths), 3, *first.shape[:2]), dtype=np.uint8)
-
-        def fill(i: int) -> None:
-            pixels = _decode(paths[i])
-            if pixels.shape != first.shape:
-                raise DataError(
-                    f"{paths[i]}: image is {pixels.shape[1]}x{pixels.shape[0]}, but {paths[0]} is "
-                    f"{first.shape[1]}x{first.shape[0]}; all images must have one size"
-                )
-            images[i] = pixels.transpose(2, 0, 1)
-
         # PIL releases the GIL while decoding, so threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(fill, range(len(paths))))
+            list(pool.map(functools.partial(_fill, images, paths, first.shape), range(len(paths))))
         arrays[split] = (images, labels)
     if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
         raise DataError(f"{root}: train/ and test/ images have different sizes")
@@ -322,9 +610,9 @@ def _write_cache(cache_file: Path, data: Dataset) -> None:
     buffer = io.BytesIO()
     np.savez(
         buffer,
-        train_images=data.train_images,
+        train_images=data.train_inputs,
         train_labels=data.train_labels,
-        test_images=data.test_images,
+        test_images=data.test_inputs,
         test_labels=data.test_labels,
         classes=np.array(data.classes),
     )

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from trainable.cli import OneLineParser, add_data_args, fail
 from trainable.config import PRECISIONS, ConfigError, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer, autocast_dtype
+from trainable.fit import Trainer
+from trainable.hardware import precision_of
 from trainable.loops import autocast, evaluate, to_unit
 
 PROG = "python -m trainable.explain"
@@ -42,7 +43,7 @@ def tutorial_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, An
     """
     trainer = Trainer(config, data, device="cpu")
     order = torch.randperm(len(trainer.train_labels), generator=torch.Generator().manual_seed(0))
-    images, labels = trainer.train_images[order], trainer.train_labels[order]
+    images, labels = trainer.train_inputs[order], trainer.train_labels[order]
     n = len(labels)
     for epoch in range(1, config.epochs + 1):
         trainer.model.train()
@@ -66,9 +67,9 @@ def our_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, Any]]:
 
 
 def row(epoch: int, trainer: Trainer, last_batch: tuple[float, int] | None, epoch_mean: float) -> dict[str, Any]:
-    after_train, _, _ = evaluate(trainer.model, trainer.train_images, trainer.train_labels,
+    after_train, _, _ = evaluate(trainer.model, trainer.train_inputs, trainer.train_labels,
                                  autocast_dtype=trainer.amp_dtype)
-    test_loss, test_accuracy, _ = evaluate(trainer.model, trainer.test_images, trainer.test_labels,
+    test_loss, test_accuracy, _ = evaluate(trainer.model, trainer.test_inputs, trainer.test_labels,
                                            autocast_dtype=trainer.amp_dtype)
     return {"epoch": epoch, "last_batch": last_batch, "epoch_mean": epoch_mean, "after_epoch": after_train,
             "test_loss": test_loss, "test_accuracy": test_accuracy}
@@ -83,8 +84,8 @@ def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
               f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>12.1f}%", flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = OneLineParser(prog=PROG, description="The tutorial's train/test loss puzzle, measured.")
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    p = OneLineParser(prog=prog, description="The tutorial's train/test loss puzzle, measured.")
     add_data_args(p)
     p.add_argument("--config", metavar="YAML",
                    help="also explain this configuration (e.g. a search's best_config.yaml)")
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             other = other.with_updates(precision=args.precision)
         data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
     except (ConfigError, DataError) as exc:
-        return fail(PROG, str(exc))
+        return fail(prog, str(exc))
     tutorial = TrainConfig(precision=args.precision or "fp32")
     print_table(
         "The tutorial's configuration, trained as the tutorial does "
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _precision(config: TrainConfig) -> str:
     """The precision the CPU run of `config` uses: fp32 or bf16 (what `auto` means here)."""
-    return "bf16" if autocast_dtype(config.precision, torch.device("cpu")) is torch.bfloat16 else "fp32"
+    return precision_of(config.precision, "cpu")
 
 
 if __name__ == "__main__":

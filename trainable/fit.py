@@ -8,24 +8,29 @@ crossing_epoch.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from trainable import challenge
 from trainable.config import TrainConfig
-from trainable.data import Dataset
+from trainable.data import Data, StreamedData, torch_tensor
 from trainable.fused import fused_bf16
-from trainable.loops import evaluate, train_epoch
-from trainable.model import build_model
+from trainable.hardware import (
+    autocast_dtype,
+    flush_denormals,
+    fused_note,
+    keep_freed_memory,
+    precision_label,
+    select_device,
+)
+from trainable.loops import evaluate, evaluate_streamed, to_unit, train_epoch, train_epoch_streamed
+from trainable.models import ModelError, build_model, factory_of
 
 METRICS = (
     "epoch",
@@ -43,111 +48,6 @@ METRICS = (
     "challenge_met",
     "crossing_epoch",
 )
-
-
-def select_device(requested: str = "auto") -> torch.device:
-    """cuda -> mps -> cpu, as in the tutorial; or the device named."""
-    if requested != "auto":
-        device = torch.device(requested)  # RuntimeError for a name torch does not know
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise RuntimeError(f"--device {requested}: MPS is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cuda_bf16_native(capability: tuple[int, int]) -> bool:
-    """bf16 tensor cores exist from compute capability 8.0 (Ampere) on. Older GPUs (V100 7.0,
-    T4 7.5) emulate bf16, although `torch.cuda.is_bf16_supported()` says yes there too."""
-    return tuple(capability) >= (8, 0)
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Does this device run bf16 matrix multiplies faster than fp32?"""
-    if device.type == "cuda":
-        return cuda_bf16_native(torch.cuda.get_device_capability(device))
-    if device.type == "cpu":
-        # AVX512-BF16 or AMX: native bf16 dot products. Elsewhere bf16 is emulated and slower.
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32."""
-    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
-        return torch.bfloat16
-    return None
-
-
-def flush_denormals(device: torch.device) -> None:
-    """Treat subnormal floats as zero on the CPU (FTZ/DAZ), on every thread torch computes on.
-
-    Weights and Adam's second moments drift into the subnormal range (below 1.2e-38) during
-    training; x86 CPUs handle such numbers in microcode, and an epoch slowed from 15 s to 176 s
-    on an Intel Xeon when 13% of the weights had become subnormal. Flushing them changes nothing
-    a float32 training run can notice. The flag lives in each thread's MXCSR register:
-    `torch.set_flush_denormal` sets the calling thread's, and threads created later inherit it,
-    but torch's OpenMP threads may already exist, so each of them sets it too.
-    """
-    if device.type != "cpu":
-        return
-    torch.set_flush_denormal(True)
-    _on_every_omp_thread(lambda: torch.set_flush_denormal(True))
-
-
-KEEP_FREED_MEMORY_ENV = "HPTUNE_KEEP_FREED_MEMORY"  # "0": leave malloc as it is (for the bench's baseline)
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
-
-    Every training step frees and reallocates the same few megabytes (the weight gradients, the
-    bf16 copies of the weights, activations). glibc serves blocks that large with a fresh `mmap`
-    and unmaps them on free until its adaptive threshold catches up, which with CIFAR-10 loaded
-    took a whole epoch: about 3,000 page faults a step at batch 64 in bf16 (450 in fp32), and a
-    first epoch 1.8x slower (`python -m trainable.bench --first-epochs`). With the thresholds
-    raised, freed memory stays in the process and the next step reuses it. Process-wide; returns False where it cannot be set
-    (not glibc), or when $HPTUNE_KEEP_FREED_MEMORY is 0. Numerics are untouched.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV) == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc (musl has no mallopt)
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # 32 MiB: the largest threshold glibc itself would reach; trimming only above 1 GiB free
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-
-
-def _on_every_omp_thread(action: Callable[[], object]) -> None:
-    """Run `action` once on each thread of torch's OpenMP team (libgomp), if torch uses one."""
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return
-    try:
-        with open("/proc/self/maps") as maps:
-            path = next((line.split()[-1] for line in maps if "libgomp" in line), None)
-    except OSError:
-        return  # not Linux: no libgomp to reach this way; the calling thread has the flag
-    if path is None:
-        return
-    callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-    callback = callback_type(lambda _: action())
-    parallel = ctypes.CDLL(path).GOMP_parallel  # what `#pragma omp parallel num_threads(n)` calls
-    parallel.argtypes = [callback_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    parallel.restype = None
-    parallel(callback, None, threads, 0)
 
 
 def make_optimizer(config: TrainConfig, params: Any, device: torch.device | None = None) -> torch.optim.Optimizer:
@@ -206,23 +106,34 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # Ray's object store hands out read-only arrays; we only ever read them.
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        tensor = torch.from_numpy(array)
+    tensor = torch_tensor(array)
     return tensor.to(device) if device.type != "cpu" else tensor
 
 
+def complete_metrics(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]], window: int,
+                     classes: int) -> dict[str, Any]:
+    """Add what every epoch's metrics carry beside the measurements: diverged, and the challenge's
+    verdict over the history so far (trainable/challenge.py)."""
+    finite = all(math.isfinite(float(metrics[k])) for k in ("train_loss", "test_loss"))
+    metrics["diverged"] = not finite
+    metrics.update(challenge.verdict([*history, metrics], window, classes))
+    return metrics
+
+
 class Trainer:
-    """Model, optimizer and device-resident data for one configuration; resumable by state."""
+    """Model, optimizer and device-resident data for one configuration; resumable by state.
+
+    `model_factory` overrides the factory the configuration names (a function passed to the
+    Python API that has no importable name); by default `config.model` is resolved."""
 
     def __init__(
         self,
         config: TrainConfig,
-        data: Dataset,
+        data: Data,
         *,
         device: torch.device | str | None = None,
         challenge_window: int = challenge.DEFAULT_WINDOW,
+        model_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.config = config
         self.device = select_device() if device is None else torch.device(device)
@@ -232,21 +143,41 @@ class Trainer:
             keep_freed_memory()
         self.challenge_window = challenge_window
         self.classes = data.num_classes
+        factory = model_factory or factory_of(config.model)
         torch.manual_seed(config.seed)
-        self.model = build_model(data.input_shape, data.num_classes, config.hidden).to(self.device)
+        self.model = build_model(factory, config.model_args, data.input_shape, data.num_classes).to(self.device)
         self.optimizer = make_optimizer(config, self.model.parameters(), self.device)
-        # bf16 on a CPU: the optimizer step fused with autocast's casts (trainable/fused.py)
-        self.fused = fused_bf16(self.model, self.optimizer, self.device, self.amp_dtype)
-        # On a GPU the whole data set moves there once (CIFAR-10: 184 MB as uint8).
-        self.train_images = _to_device(data.train_images, self.device)
-        self.train_labels = _to_device(data.train_labels, self.device)
-        self.test_images = _to_device(data.test_images, self.device)
-        self.test_labels = _to_device(data.test_labels, self.device)
+        # bf16 on a CPU: the optimizer step fused with autocast's casts (trainable/fused.py), for
+        # the layers it handles; `fused_reason` says why not where it is not used
+        self.fused, self.fused_reason = fused_bf16(self.model, self.optimizer, self.device, self.amp_dtype)
+        self.streamed = isinstance(data, StreamedData)
+        if isinstance(data, StreamedData):  # too large to hold: read through a DataLoader each epoch
+            self.train_set, self.test_set = data.train, data.test
+        else:  # on a GPU the whole data set moves there once (CIFAR-10: 184 MB as uint8)
+            self.train_inputs = _to_device(data.train_inputs, self.device)
+            self.train_labels = _to_device(data.train_labels, self.device)
+            self.test_inputs = _to_device(data.test_inputs, self.device)
+            self.test_labels = _to_device(data.test_labels, self.device)
+        self.train_size = data.train_size
         self.history: list[dict[str, Any]] = []
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.amp_dtype is torch.bfloat16 else "fp32"
+        return precision_label(self.amp_dtype)
+
+    @property
+    def precision_text(self) -> str:
+        """'bf16, fused step', 'bf16; fused step not used: ...' or 'fp32', for a run's first line."""
+        if self.fused is not None:
+            return f"{self.precision}, fused step"
+        if self.fused_reason:
+            return f"{self.precision}; {fused_note(self.fused_reason)}"
+        return self.precision
+
+    @property
+    def data_device(self) -> str:
+        """Where the data set lives during training: the device, or 'streamed'."""
+        return "streamed" if self.streamed else str(self.train_inputs.device)
 
     @property
     def epochs_done(self) -> int:
@@ -270,20 +201,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = epoch_lr(self.config, epoch)
         start = time.perf_counter()
-        train_loss, train_accuracy = train_epoch(
-            self.model,
-            self.optimizer,
-            self.train_images,
-            self.train_labels,
-            batch_size=self.config.batch_size,
-            generator=generator,
-            autocast_dtype=self.amp_dtype,
-            fused=self.fused,
-        )
+        if self.streamed:
+            train_loss, train_accuracy = train_epoch_streamed(
+                self.model, self.optimizer, self.train_set, self.device, batch_size=self.config.batch_size,
+                generator=generator, autocast_dtype=self.amp_dtype, fused=self.fused)
+        else:
+            train_loss, train_accuracy = train_epoch(
+                self.model, self.optimizer, self.train_inputs, self.train_labels, batch_size=self.config.batch_size,
+                generator=generator, autocast_dtype=self.amp_dtype, fused=self.fused)
         train_seconds = time.perf_counter() - start
-        test_loss, test_accuracy, test_loss_se = evaluate(
-            self.model, self.test_images, self.test_labels, autocast_dtype=self.amp_dtype
-        )
+        if self.streamed:
+            test_loss, test_accuracy, test_loss_se = evaluate_streamed(self.model, self.test_set, self.device,
+                                                                       autocast_dtype=self.amp_dtype)
+        else:
+            test_loss, test_accuracy, test_loss_se = evaluate(self.model, self.test_inputs, self.test_labels,
+                                                              autocast_dtype=self.amp_dtype)
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -293,10 +225,9 @@ class Trainer:
             "test_accuracy": test_accuracy,
             "test_loss_se": test_loss_se,  # standard error of test_loss: its noise
             "epoch_seconds": seconds,  # training and evaluation
-            "samples_per_second": len(self.train_labels) / train_seconds,  # training only
-            "diverged": not (math.isfinite(train_loss) and math.isfinite(test_loss)),
+            "samples_per_second": self.train_size / train_seconds,  # training only
         }
-        metrics.update(challenge.verdict([*self.history, metrics], self.challenge_window, self.classes))
+        complete_metrics(metrics, self.history, self.challenge_window, self.classes)
         self.history.append(metrics)
         return metrics
 
@@ -308,10 +239,36 @@ class Trainer:
 
 def fit(
     config: TrainConfig,
-    data: Dataset,
+    data: Data,
     *,
     device: torch.device | str | None = None,
     challenge_window: int = challenge.DEFAULT_WINDOW,
+    model_factory: Callable[..., Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Train `config` on `data` from scratch, yielding one metrics dict per epoch."""
-    yield from Trainer(config, data, device=device, challenge_window=challenge_window).run()
+    yield from Trainer(config, data, device=device, challenge_window=challenge_window,
+                       model_factory=model_factory).run()
+
+
+def check_model(config: TrainConfig, data: Data, model_factory: Callable[..., Any] | None = None) -> nn.Module:
+    """Build the configuration's model and run one small batch through it on the CPU: ModelError
+    if it cannot be built or its output does not fit the data (one score per class)."""
+    factory = model_factory or factory_of(config.model)
+    model = build_model(factory, config.model_args, data.input_shape, data.num_classes)
+    if isinstance(data, StreamedData):
+        x = torch.stack([torch_tensor(np.asarray(data.train[i][0])) for i in range(min(2, len(data.train)))])
+    else:
+        x = torch_tensor(data.train_inputs[:2])
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(to_unit(x, None))
+    except Exception as exc:  # noqa: BLE001 - the user's model: say what it said on a real batch
+        raise ModelError(f"the model ({config.model}) raised {type(exc).__name__} on a batch of the data "
+                         f"(inputs {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}): {exc}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), data.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the model ({config.model}) gives {shape} for a batch of {len(x)}; expected "
+                         f"({len(x)}, {data.num_classes}): one score per class ({data.num_classes} classes in the "
+                         "data)")
+    return model

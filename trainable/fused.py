@@ -56,7 +56,7 @@ def kernels() -> ModuleType | None:
         return None
     try:
         _kernels = _build()
-    except Exception as exc:  # no compiler, no ninja, an unwritable cache: fall back, say why
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, an unwritable cache: fall back, say why
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         _why_not = (lines[0] if lines else type(exc).__name__)[:200]
     return _kernels
@@ -163,10 +163,32 @@ class FusedBf16:
                       float(steps[0]))
 
 
+# Layers whose parameters the fused path handles: their forward takes bf16 weights with bf16
+# inputs exactly as autocast would run them. A layer with parameters of another kind (a norm layer
+# with fp32 running statistics, an embedding, a custom parameter) trains under autocast instead.
+FUSED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def unsupported_layer(model: nn.Module) -> str | None:
+    """The first layer with parameters the fused path does not handle, e.g. 'BatchNorm2d', or None."""
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, FUSED_LAYERS):
+            return type(module).__name__
+        if len(list(module.buffers(recurse=False))) and not isinstance(module, FUSED_LAYERS):
+            return type(module).__name__
+    return None
+
+
 def fused_bf16(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-               dtype: torch.dtype | None) -> FusedBf16 | None:
-    """The fused path where it applies (bf16 on a CPU, the kernels built), else None."""
+               dtype: torch.dtype | None) -> tuple[FusedBf16 | None, str | None]:
+    """(the fused path, None) where it applies (bf16 on a CPU, the kernels built, layers it
+    handles); else (None, why not), the reason None where bf16 on a CPU is not asked for."""
     if dtype is not torch.bfloat16 or device.type != "cpu":
-        return None
+        return None, None
+    layer = unsupported_layer(model)
+    if layer is not None:
+        return None, f"the model has {layer} layers, which it does not handle (autocast instead)"
     ext = kernels()
-    return FusedBf16(model, optimizer, ext) if ext is not None else None
+    if ext is None:
+        return None, unavailable_reason()
+    return FusedBf16(model, optimizer, ext), None
