@@ -1,12 +1,15 @@
 """The search space: the default one, and loading a user's own from YAML.
 
-A space maps TrainConfig field names to what the search may pick for them:
+A space maps TrainConfig field names, and the model's hyperparameters as ``model.NAME`` (the
+keyword arguments of the model factory), to what the search may pick for them:
 
     lr:           {low: 1.0e-4, high: 0.3, log: true}     # float range (log scale)
     epochs:       {low: 5, high: 20}                       # int range (both bounds whole numbers)
     batch_size:   {type: pow2, low: 32, high: 512}         # powers of two: 32, 64, ..., 512 (ordered)
     optimizer:    [sgd, nesterov, adam, adamw]             # a list: one of these
     momentum:     0.9                                      # a plain value: fixed
+    model.width:  {type: pow2, low: 64, high: 1024}        # a model hyperparameter
+    model.dropout: {low: 0.0, high: 0.5}                   # (int range if both bounds are integers)
 
 A range can depend on a listed parameter (define-by-run): with `when`, it is searched only when
 that parameter takes one of the given values, and a list of such ranges gives one per case:
@@ -17,7 +20,14 @@ that parameter takes one of the given values, and a list of such ranges gives on
       - {when: {optimizer: [adam, adamw]}, low: 1.0e-4, high: 5.0e-3, log: true}
 
 Fields the space leaves out, or does not search in a trial, keep the search's base configuration
-(the tutorial's values).
+(the tutorial's values; the model factory's own defaults for its hyperparameters).
+
+A space can also be a Python function of an Optuna trial (define-by-run, as Optuna's own
+objective functions are written) returning the values of one trial:
+
+    def space(trial):
+        return {"lr": trial.suggest_float("lr", 1e-4, 0.1, log=True),
+                "model.width": trial.suggest_categorical("model.width", [64, 128, 256])}
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ from typing import Any
 import optuna
 import optuna.distributions as od
 
-from trainable.config import ConfigError, TrainConfig
+from trainable.config import TRAINING_HYPERPARAMETERS, ConfigError, TrainConfig
 from trainable.fileio import read_yaml, yaml_number
+from trainable.refs import describe as describe_function
 
-SEARCHABLE = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule")
+SEARCHABLE = TRAINING_HYPERPARAMETERS  # and model.NAME for the model factory's keyword arguments
+MODEL_PREFIX = "model."
 INT_FIELDS = ("batch_size", "epochs")
 SGD_FAMILY = ["nesterov", "sgd"]  # Nesterov first: the choice of the center trial (below)
 
@@ -179,6 +191,8 @@ class Space:
         params: dict[str, Any] = {}
         distributions: dict[str, od.BaseDistribution] = {}
         skipped: list[str] = []
+        if "model_args" in config:
+            config = flat(config)
         context = {**config, **self.fixed}
         for p in self.params:
             if not p.applies(context) or p.name not in config:
@@ -208,6 +222,55 @@ class Space:
         out.update({name: f"= {value}" for name, value in self.fixed.items()})
         return out
 
+    @property
+    def model_args(self) -> list[str]:
+        """The model hyperparameters the space sets, without their model. prefix."""
+        return [n.removeprefix(MODEL_PREFIX) for n in self.names if n.startswith(MODEL_PREFIX)]
+
+
+class FunctionSpace:
+    """A define-by-run space written as a Python function: `fn(trial) -> {name: value}`, the names
+    those of a YAML space (lr, ..., model.NAME). It has no center, and trials from elsewhere (the
+    baseline, a warm start) enter its study with their results but without parameters."""
+
+    def __init__(self, fn: Callable[[optuna.Trial], Mapping[str, Any]], reference: str | None = None) -> None:
+        self.fn = fn
+        self.reference = reference or describe_function(fn)
+        self.params: tuple[Param, ...] = ()
+        self.fixed: dict[str, Any] = {}
+
+    names = searched = property(lambda self: [])
+    model_args = property(lambda self: [])
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        from trainable.refs import call_user
+
+        values = call_user(self.fn, "the search space", trial)
+        if not isinstance(values, Mapping):
+            raise SpaceError(f"the search space {self.reference} returned a {type(values).__name__}, not a dict "
+                             "of parameter names to values")
+        for name in values:
+            if name not in SEARCHABLE and not name.startswith(MODEL_PREFIX):
+                raise SpaceError(f"the search space {self.reference}: {name}: unknown parameter (searchable: "
+                                 f"{', '.join(SEARCHABLE)}, model.NAME)")
+        return dict(values)
+
+    def center(self) -> dict[str, Any]:
+        return {}
+
+    def optuna_point(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, od.BaseDistribution],
+                                                                list[str]]:
+        return {}, {}, []
+
+    def high(self, name: str, default: Any) -> Any:
+        return None  # unknown until sampled
+
+    def describe(self) -> dict[str, str]:
+        return {"(define-by-run)": self.reference}
+
+
+AnySpace = Space | FunctionSpace
+
 
 def parse_space(spec: Any, source: str = "space") -> Space:
     if not isinstance(spec, dict) or not spec:
@@ -215,8 +278,9 @@ def parse_space(spec: Any, source: str = "space") -> Space:
     params: list[Param] = []
     fixed: dict[str, Any] = {}
     for name, value in spec.items():
-        if name not in SEARCHABLE:
-            raise SpaceError(f"{source}: {name}: unknown parameter (searchable: {', '.join(SEARCHABLE)})")
+        if not searchable(name):
+            raise SpaceError(f"{source}: {name}: unknown parameter (searchable: {', '.join(SEARCHABLE)}, "
+                             "and model.NAME for the model factory's keyword arguments)")
         where = f"{source}: {name}"
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             cases = [_range(where, name, v) for v in value]
@@ -236,8 +300,45 @@ def parse_space(spec: Any, source: str = "space") -> Space:
     return space
 
 
-def load_space(path: str | Path) -> Space:
+def smoke(space: AnySpace) -> AnySpace:
+    """--smoke-test: the space without epochs, which come from the base configuration (2)."""
+    if isinstance(space, FunctionSpace):
+        return space
+    return Space(tuple(p for p in space.params if p.name != "epochs"),
+                 {k: v for k, v in space.fixed.items() if k != "epochs"})
+
+
+def searchable(name: Any) -> bool:
+    return isinstance(name, str) and (name in SEARCHABLE or (
+        name.startswith(MODEL_PREFIX) and name[len(MODEL_PREFIX):].isidentifier()))
+
+
+def load_space(path: str | Path) -> AnySpace:
+    """A space from a YAML file, or from a function (``FILE.py:NAME`` or ``MODULE:NAME``)."""
+    from trainable.refs import BadReferenceError, is_reference, resolve
+
+    if is_reference(str(path)) and not str(path).endswith((".yaml", ".yml")):
+        try:
+            return FunctionSpace(resolve(str(path), "space"), str(path))
+        except BadReferenceError as exc:
+            raise SpaceError(str(exc)) from None
     return parse_space(read_yaml(path, SpaceError), str(path))
+
+
+def space_of(spec: Any) -> AnySpace:
+    """A space from what the Python API takes: a dict in the YAML form, a path or reference, a
+    function of an Optuna trial, a Space; None: the default space."""
+    if spec is None:
+        return default_space()
+    if isinstance(spec, (Space, FunctionSpace)):
+        return spec
+    if isinstance(spec, dict):
+        return parse_space(spec, "space")
+    if isinstance(spec, (str, Path)):
+        return load_space(spec)
+    if callable(spec):
+        return FunctionSpace(spec)
+    raise SpaceError(f"space: expected a dict, a YAML path or a function of an Optuna trial, got {type(spec).__name__}")
 
 
 def default_space(smoke_test: bool = False) -> Space:
@@ -259,7 +360,9 @@ def _range(where: str, name: str, spec: dict[str, Any]) -> Param:
     if "low" not in spec or "high" not in spec:
         raise SpaceError(f"{where}: a range needs low and high")
     low, high = _number(where, "low", spec["low"]), _number(where, "high", spec["high"])
-    kind = spec.get("type") or ("int" if name in INT_FIELDS else "float")
+    model = name.startswith(MODEL_PREFIX)
+    whole = isinstance(low, int) and isinstance(high, int) and not isinstance(spec["low"], float)
+    kind = spec.get("type") or ("int" if name in INT_FIELDS or (model and whole) else "float")
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise SpaceError(f"{where}: log must be true or false, got {log!r}")
@@ -270,7 +373,7 @@ def _range(where: str, name: str, spec: dict[str, Any]) -> Param:
     if (log or kind == "pow2") and low <= 0:
         raise SpaceError(f"{where}: a log-scale range needs low > 0, got {low}")
     if name in INT_FIELDS or kind in ("int", "pow2"):
-        if name not in INT_FIELDS:
+        if name not in INT_FIELDS and not model:
             raise SpaceError(f"{where}: {name} is not a whole-number parameter; drop type: {kind}")
         if low != int(low) or high != int(high):
             raise SpaceError(f"{where}: bounds must be whole numbers, got {low} and {high}")
@@ -309,8 +412,14 @@ def _categorical(where: str, name: str, choices: list[Any]) -> od.CategoricalDis
 
 def _check_value(where: str, name: str, value: Any) -> Any:
     """The value as TrainConfig takes it for this field, or SpaceError saying why not."""
+    if name.startswith(MODEL_PREFIX) and searchable(name):
+        value = yaml_number(value)
+        if not isinstance(value, (bool, int, float, str)):
+            raise SpaceError(f"{where}: a model hyperparameter's value must be a number, a string or true/false, "
+                             f"got {value!r}")
+        return value
     if name not in SEARCHABLE:
-        raise SpaceError(f"{where}: unknown parameter (searchable: {', '.join(SEARCHABLE)})")
+        raise SpaceError(f"{where}: unknown parameter (searchable: {', '.join(SEARCHABLE)}, model.NAME)")
     if isinstance(value, str) and name not in ("optimizer", "schedule"):
         value = _number(where, "value", value)
     try:
@@ -364,6 +473,25 @@ def _check_consistent(space: Space, source: str) -> None:
         raise SpaceError(f"{source}: momentum: nesterov needs momentum > 0, and this space can give it 0")
 
 
-def trial_config(base: TrainConfig, space: Space, sampled: dict[str, Any]) -> TrainConfig:
+def trial_config(base: TrainConfig, space: AnySpace, sampled: dict[str, Any]) -> TrainConfig:
     """The full configuration of one trial: the base, then the space's fixed values, then the sample."""
-    return base.with_updates(**space.fixed, **{k: sampled[k] for k in space.searched if k in sampled})
+    chosen = sampled if isinstance(space, FunctionSpace) else {k: sampled[k] for k in space.searched if k in sampled}
+    return TrainConfig.from_dict(apply_params(base.to_dict(), {**space.fixed, **chosen}))
+
+
+def apply_params(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """A configuration dict with a trial's parameters set: model.NAME into model_args."""
+    out = {**config, "model_args": dict(config.get("model_args") or {})}
+    for key, value in params.items():
+        if key.startswith(MODEL_PREFIX):
+            out["model_args"][key[len(MODEL_PREFIX):]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A configuration dict with its model hyperparameters as model.NAME keys, as spaces name them."""
+    out = {k: v for k, v in config.items() if k != "model_args"}
+    out.update({f"{MODEL_PREFIX}{k}": v for k, v in (config.get("model_args") or {}).items()})
+    return out

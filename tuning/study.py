@@ -9,13 +9,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuning.experiment import Experiment
-from tuning.journal import EARLY_STOPPED, FINISHED, STALLED
 from tuning.objective import constraints, objective_value
-from tuning.space import Space
+from tuning.results.experiment import Experiment
+from tuning.results.journal import EARLY_STOPPED, FINISHED, STALLED
+from tuning.space import AnySpace, flat
 
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 STUDY_FILE = "optuna.db"
+FINAL_METRICS = ("test_accuracy", "test_loss", "train_loss", "challenge_met", "epoch")  # user attributes per trial
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -56,9 +56,19 @@ def release_stale_trials(study: optuna.Study) -> int:
     return len(stale)
 
 
+def final_attrs(last: dict[str, Any], state: TrialState) -> dict[str, Any]:
+    """A trial's final metrics as user attributes (`final_epoch`, `final_test_accuracy`, ...)."""
+    attrs = {f"final_{k}": last[k] for k in FINAL_METRICS if last.get(k) is not None}
+    if last.get("stalled"):
+        attrs["stopped"] = "stalled"
+    elif state == TrialState.PRUNED:
+        attrs["stopped"] = "early-stopped"
+    return attrs
+
+
 def add_finished(
     study: optuna.Study,
-    space: Space,
+    space: AnySpace,
     config: dict[str, Any],
     history: list[dict[str, Any]],
     *,
@@ -69,7 +79,8 @@ def add_finished(
     trial) with its per-epoch objective; returns the parameters the space could not hold."""
     params, distributions, skipped = space.optuna_point(config)
     last = history[-1] if history else {}
-    user_attrs = {**(attrs or {}), **({"outside_space": {k: config[k] for k in skipped}} if skipped else {})}
+    flat_config = flat(config)
+    user_attrs = {**(attrs or {}), **({"outside_space": {k: flat_config[k] for k in skipped}} if skipped else {})}
     study.add_trial(
         optuna.trial.create_trial(
             state=state,
@@ -85,7 +96,7 @@ def add_finished(
     return skipped
 
 
-def warm_start(study: optuna.Study, space: Space, earlier: Experiment, objective: str) -> tuple[int, int]:
+def warm_start(study: optuna.Study, space: AnySpace, earlier: Experiment, objective: str) -> tuple[int, int]:
     """Give `study` the finished, early-stopped and stalled trials of an earlier experiment, with
     their per-epoch `objective`, so the sampler starts from what that search learned. A trial
     with a parameter this space cannot hold is skipped. Returns (added, skipped)."""

@@ -1,6 +1,6 @@
 """trials.csv, epochs.csv and best_config.yaml, from the files in an experiment folder alone.
 
-    python -m tuning.export results/<name>     # rewrite them (the search does this itself)
+    hptune export results/<name>     # rewrite them (the search does this itself)
 """
 
 from __future__ import annotations
@@ -15,16 +15,22 @@ import pandas as pd
 
 from trainable import challenge
 from trainable.cli import OneLineParser, fail
-from trainable.config import TrainConfig
+from trainable.config import TRAINING_HYPERPARAMETERS, TrainConfig
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_text
 from trainable.fit import METRICS, slow_epoch_text
-from tuning.experiment import Experiment, ExperimentError, final_objective, rank
-from tuning.journal import ERRORED, INTERRUPTED, RUNNING, TrialRecord
-from tuning.space import SEARCHABLE
+from tuning.results.experiment import Experiment, ExperimentError, final_objective, rank
+from tuning.results.journal import ERRORED, INTERRUPTED, RUNNING, TrialRecord
 
 TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
-PARAMS = SEARCHABLE
+PARAMS = TRAINING_HYPERPARAMETERS  # and model.NAME for each model hyperparameter any trial has
+
+
+def params_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's hyperparameters as trials.csv shows them: the training ones, then model.NAME."""
+    values = {p: config.get(p) for p in PARAMS}
+    values.update({f"model.{k}": v for k, v in (config.get("model_args") or {}).items()})
+    return values
 FINAL = (
     "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_loss_se", "train_below_test",
     "still_decreasing", "above_chance", "challenge_met", "crossing_epoch", "objective",
@@ -39,6 +45,7 @@ def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: 
     "interrupted".
     """
     ranks = {t.trial: i for i, t in enumerate(rank(all_trials, mode), start=1)}
+    model_columns = list(dict.fromkeys(f"model.{k}" for t in all_trials for k in (t.config.get("model_args") or {})))
     rows = []
     for t in all_trials:
         last = t.last or {}
@@ -46,7 +53,7 @@ def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: 
         status = RUNNING if running and t.status == INTERRUPTED else t.status
         row: dict[str, Any] = {"trial": t.trial, "number": t.number, "rank": ranks.get(t.trial), "status": status,
                                "baseline": t.baseline}
-        row.update({p: t.config.get(p) for p in PARAMS})
+        row.update(params_of(t.config))
         row["epochs_run"] = len(t.epochs)
         row.update({f: last.get(f) for f in FINAL})
         row["best_test_accuracy"] = max((m["test_accuracy"] for m in tested), default=None)
@@ -57,30 +64,32 @@ def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: 
         if status == ERRORED:
             row["objective"] = None  # an errored trial has no result to rank
         rows.append(row)
-    columns = ["trial", "number", "rank", "status", "baseline", *PARAMS, "epochs_run", *FINAL, "best_test_accuracy",
-               "best_test_loss", "train_seconds", "slow_epoch", "error"]
+    columns = ["trial", "number", "rank", "status", "baseline", *PARAMS, *model_columns, "epochs_run", *FINAL,
+               "best_test_accuracy", "best_test_loss", "train_seconds", "slow_epoch", "error"]
     return pd.DataFrame(rows, columns=columns).astype({"rank": "Int64"})
 
 
 def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
     """One row per trial and epoch, with the trainable's metric names."""
-    columns = ["trial", "number", *METRICS, "objective"]
+    extra = list(dict.fromkeys(k for t in all_trials for m in t.epochs for k in m
+                               if k not in (*METRICS, "objective", "stalled", "data_device", "_extra_metrics")))
+    columns = ["trial", "number", *METRICS, "objective", *extra]
     rows = [{"trial": t.trial, "number": t.number, **{c: m.get(c) for c in columns[2:]}}
             for t in all_trials for m in t.epochs]
     return pd.DataFrame(rows, columns=columns)
 
 
 def best_config_text(experiment: Experiment, trial: TrialRecord) -> str:
-    meta, last = experiment.meta, trial.last or {}
+    settings, last = experiment.settings, trial.last or {}
     config = TrainConfig.from_dict(trial.config)
     accuracy = last.get("test_accuracy")
     objective = final_objective(trial)
     lines = [
-        f"Best trial of experiment {meta['name']}: {trial.trial} (trial {trial.number} of {meta['samples']}, "
+        f"Best trial of experiment {experiment.name}: {trial.trial} (trial {trial.number} of {settings.samples}, "
         f"{trial.status})",
-        f"objective {meta['objective']}: {objective:.4f}; test_accuracy {100 * accuracy:.1f}%"
+        f"objective {settings.objective}: {objective:.4f}; test_accuracy {100 * accuracy:.1f}%"
         if accuracy is not None and objective is not None else "",
-        _verdict_line(last, meta.get("challenge_window", 3)),
+        challenge.verdict_text(last, settings.challenge_window) if last else "",
         *_confirm_lines(experiment.folder, accuracy),
         f"Re-train without Ray: {retrain_command(experiment.folder)}",
     ]
@@ -115,19 +124,6 @@ def _confirm_lines(exp_dir: Path, accuracy: float | None) -> list[str]:
     return lines
 
 
-def _verdict_line(last: dict[str, Any], window: int) -> str:
-    if not last:
-        return ""
-    if last.get("diverged"):
-        return "challenge not met: training diverged"
-    gap = challenge.gap_text(last)
-    if last.get("challenge_met"):
-        return (f"challenge met: {gap} (below since epoch {last['crossing_epoch']}) "
-                f"and falling in each of the last {window} epochs")
-    return (f"challenge not met: {gap}; still_decreasing={last.get('still_decreasing')}, "
-            f"above_chance={last.get('above_chance')}")
-
-
 def export(experiment: Experiment) -> dict[str, Path]:
     """Write trials.csv, epochs.csv and best_config.yaml (each atomically) from the experiment's
     trials as loaded; returns their paths."""
@@ -143,8 +139,8 @@ def export(experiment: Experiment) -> dict[str, Path]:
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m tuning.export",
+def main(argv: Sequence[str] | None = None, prog: str = "hptune export") -> int:
+    parser = OneLineParser(prog=prog,
                            description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
     parser.add_argument("experiment", help="results/<name>")
     args = parser.parse_args(argv)

@@ -20,13 +20,15 @@ from ray import tune
 
 from trainable.config import TrainConfig
 from trainable.fit import slow_epoch_text, slow_epochs
-from tuning import export as export_mod
-from tuning.console import fmt_params, fmt_result
-from tuning.experiment import Experiment
-from tuning.journal import TrialRecord
-from tuning.progress_line import LineState, LiveLine, estimate_seconds_left
-from tuning.searcher import BASELINE, CONTINUES, StudySearcher, hyperparameters
-from tuning.tboard import TrialBoards, run_name
+from tuning.engine.searcher import BASELINE, CONTINUES, StudySearcher, hyperparameters
+from tuning.engine.trial import EXTRA, TRIAL_METRICS
+from tuning.results import export as export_mod
+from tuning.results.console import fmt_params, fmt_result
+from tuning.results.experiment import Experiment
+from tuning.results.journal import TrialRecord
+from tuning.results.progress_line import LineState, LiveLine, estimate_seconds_left
+from tuning.results.tensorboard import TrialBoards, run_name
+from tuning.space import apply_params
 
 # How the search shows its progress: a live line above which ended trials are printed (a terminal),
 # one plain line per ended trial (not a terminal), or nothing until the summary (--quiet).
@@ -51,7 +53,7 @@ class ExperimentCallback(tune.Callback):
         *,
         base: TrainConfig,
         searcher: StudySearcher,
-        metrics: Sequence[str],
+        metrics: Sequence[str] = TRIAL_METRICS,
         output: str = LINES,
         slots: float = 1.0,
         tensorboard: bool = False,
@@ -60,7 +62,7 @@ class ExperimentCallback(tune.Callback):
         self.journal = experiment.journal
         self.base = base
         self.searcher = searcher
-        self.samples = experiment.meta["samples"]
+        self.samples = experiment.settings.samples
         self.metrics = tuple(metrics)
         self.known: set[str] = set()
         self.first_epoch: dict[str, dict] = {}  # trial id -> its epoch 1 result, to spot stalls
@@ -80,7 +82,7 @@ class ExperimentCallback(tune.Callback):
     @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = hyperparameters(trial.config)
-        config = {**self.base.to_dict(), **params}  # not validated here: a bad one errors in its trial
+        config = apply_params(self.base.to_dict(), params)  # not validated here: a bad one errors in its trial
         continues = trial.config.get(CONTINUES)
         number = self.numbers.get(continues) if continues else self.searcher.numbers.get(trial.trial_id)
         if trial.trial_id not in self.known:  # else restarted after a failure: same trial, same record
@@ -104,7 +106,7 @@ class ExperimentCallback(tune.Callback):
 
     @_guarded
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        metrics = {k: result.get(k) for k in self.metrics}
+        metrics = {k: result.get(k) for k in (*self.metrics, *result.get(EXTRA, ()))}
         self.journal.append("epoch", trial=trial.trial_id, **metrics)
         if self.boards is not None:
             self.boards.epoch(trial.trial_id, metrics)

@@ -1,4 +1,4 @@
-"""python -m tuning.loadtest: a long search of tiny trials; is every trial accounted for, and does
+"""hptune loadtest: a long search of tiny trials; is every trial accounted for, and does
 the driver's memory stay flat?
 
 Runs tuning/search.py as its own process (synthetic data, 1-epoch trials), samples the driver's
@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from trainable.cli import OneLineParser, positive_int
-from tuning.journal import Journal, trials
+from tuning.results.journal import Journal, trials
 
-PROG = "python -m tuning.loadtest"
-SEARCH = Path(__file__).resolve().parent / "search.py"
+PROG = "hptune loadtest"
+SEARCH = Path(__file__).resolve().parent.parent / "search.py"  # python tuning/search.py
 
 
 def rss_mib(pid: int) -> float | None:
@@ -57,10 +57,10 @@ def run(samples: int, num_cpus: int | None, folder: Path) -> tuple[int, list[tup
     return proc.returncode, samples_rss, (folder / "search.log").read_text()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = OneLineParser(prog=PROG, description="Many tiny trials: all accounted for, driver memory flat.")
-    p.add_argument("--samples", type=positive_int, default=200)
-    p.add_argument("--num-cpus", type=positive_int)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    p = OneLineParser(prog=prog, description="Many tiny trials: all accounted for, driver memory flat.")
+    p.add_argument("--samples", type=positive_int, default=200, metavar="N", help="trials (default 200)")
+    p.add_argument("--num-cpus", type=positive_int, metavar="N", help="CPUs for the local Ray (default: all)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall = time.perf_counter() - start
         if status != 0:
             print(log[-3000:])
-            print(f"{PROG}: the search failed (exit {status})", file=sys.stderr)
+            print(f"{prog}: the search failed (exit {status})", file=sys.stderr)
             return 1
         table = pd.read_csv(folder / "load" / "trials.csv")
         journal_trials = trials(Journal(folder / "load").read())
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{table['status'].value_counts().to_dict()}")
     print(f"journal: {len(journal_trials)} trials, {sum(t.done for t in journal_trials)} ended")
     if not rss:
-        print(f"{PROG}: the search ended before its memory could be sampled", file=sys.stderr)
+        print(f"{prog}: the search ended before its memory could be sampled", file=sys.stderr)
         return 1
     for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
         mark = next(((n, r) for n, r in rss if n >= fraction * args.samples), rss[-1])

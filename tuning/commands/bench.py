@@ -1,4 +1,4 @@
-"""python -m tuning.bench: does a search spend its time training?
+"""hptune bench-search: does a search spend its time training?
 
 Runs a small but real search (a local Ray started by the search itself, the data loaded once,
 checkpoints every epoch, the journal and CSV files kept current) and compares the time trials
@@ -7,7 +7,7 @@ search was called (imports done; data loading and Ray's start included) times th
 used, up to the last trial's end, and up to the search's return (CSV files and report written,
 Ray shut down).
 
-    python -m tuning.bench --data data/cifar10-jpeg              # 12 trials x 8 epochs, batch 256
+    hptune bench-search --data data/cifar10-jpeg              # 12 trials x 8 epochs, batch 256
 """
 
 from __future__ import annotations
@@ -21,25 +21,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainable.cli import OneLineParser, add_data_args, data_flags, positive_int
-from tuning.journal import Journal, trials
-from tuning.search import main as search
+from tuning.commands.search import main as search
+from tuning.results.journal import Journal, trials
 
-PROG = "python -m tuning.bench"
+PROG = "hptune bench-search"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Fraction of the machine's time a search spends in train/evaluate.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Fraction of the machine's time a search spends in train/evaluate.")
     add_data_args(p)
-    p.add_argument("--samples", type=positive_int, default=12)
-    p.add_argument("--epochs", type=positive_int, default=8, help="epochs per trial (default 8)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--samples", type=positive_int, default=12, metavar="N", help="trials (default 12)")
+    p.add_argument("--epochs", type=positive_int, default=8, metavar="N", help="epochs per trial (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per step (default 256)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N", help="CPUs per trial (default 1)")
+    p.add_argument("--num-cpus", type=positive_int, metavar="N", help="CPUs for the local Ray (default: all)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         space = Path(folder) / "space.yaml"
         # Fixed work per trial, so every run of the bench measures the same thing.
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = search(argv_search)
         wall = time.time() - start
         if status != 0:
-            print(f"{PROG}: the search failed (exit {status})", file=sys.stderr)
+            print(f"{prog}: the search failed (exit {status})", file=sys.stderr)
             return status
         journal = Journal(Path(folder) / "bench").read()
         records = trials(journal)

@@ -6,8 +6,7 @@ One run (sub-folder) per trial, ``trial-007`` for trial 7, written by ``torch.ut
 ``SummaryWriter`` from the driver's callback: scalars under the metric names of
 ``python -m trainable`` (train_loss, test_loss, test_accuracy, ...) with the epoch as the step, and
 the trial's hyperparameters for TensorBoard's HPARAMS tab, which shows them next to the final
-values of the metrics below. (Not called tensorboard.py: `python tuning/search.py` puts this folder
-on sys.path, where that name would hide the tensorboard package.)
+values of the metrics below.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""python tuning/report.py results/<name>: figures and an HTML page from an experiment folder.
+"""hptune report results/<name>: figures and an HTML page from an experiment folder.
 
 Reads only the files in the folder (experiment.json and journal.jsonl through
 tuning.experiment.Experiment; optuna.db, best_config.yaml and confirm.csv if there), so it works
@@ -17,7 +17,6 @@ Extraction (plain tables, tested) is kept apart from drawing (smoke-rendered).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import sys
@@ -26,9 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python tuning/report.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import pandas as pd
 
@@ -36,12 +32,12 @@ from trainable import challenge
 from trainable.cli import OneLineParser, fail, positive_int
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_bytes, atomic_write_text
-from tuning import export as export_mod
-from tuning.experiment import Experiment, ExperimentError
-from tuning.console import fmt_params
-from tuning.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING
+from tuning.results import export as export_mod
+from tuning.results.console import baseline_label, fmt_params
+from tuning.results.experiment import Experiment, ExperimentError
+from tuning.results.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING
 
-PROG = "python tuning/report.py"
+PROG = "hptune report"
 FIGURES = ("learning_curves.png", "progress.png", "what_mattered.png")
 DPI = 110
 STATUS_STYLE = {  # marker and colour per trial status, one legend everywhere
@@ -240,38 +236,31 @@ def _save(fig: Any, path: Path) -> None:
 # --- the page ----------------------------------------------------------------------------------
 
 
-def _gap(t: pd.Series) -> str:
-    """The comparison with its noise margin, as everywhere else: 'train_loss 1.2 < test_loss 1.3 - 0.02 (2 SE)'."""
-    if pd.isna(t["train_loss"]) or pd.isna(t["test_loss"]):
-        return "no finite loss"
-    se = 0.0 if pd.isna(t.get("test_loss_se")) else float(t["test_loss_se"])
-    return challenge.gap_text({"train_loss": t["train_loss"], "test_loss": t["test_loss"], "test_loss_se": se})
-
-
-def verdict_html(meta: dict[str, Any], trials_df: pd.DataFrame) -> str:
+def verdict_html(experiment: Experiment, trials_df: pd.DataFrame) -> str:
+    """The page's verdict: how many trials met the challenge, and the best trial's and the
+    baseline's verdicts in the words every other output uses (trainable.challenge.verdict_text)."""
+    window = experiment.settings.challenge_window
     met = trials_df[trials_df["challenge_met"] == True]  # noqa: E712 - NaN for trials without epochs
-    best = top_trials(trials_df, 1)
-    baseline = trials_df[trials_df["baseline"]]
     lines = []
     if len(met):
         lines.append(f"<p class='yes'><b>Challenge met</b> by {len(met)} of {len(trials_df)} trials: train loss below "
                      f"test loss by more than 2 standard errors of the test loss, still falling over the last "
-                     f"{meta['challenge_window']} epochs, test accuracy above chance.</p>")
+                     f"{window} epochs, test accuracy above chance.</p>")
     else:
         lines.append(f"<p class='no'><b>Challenge not met</b> by any of the {len(trials_df)} trials: the best trial "
                      f"below is the most accurate one.</p>")
-    for _, t in best.iterrows():
-        crossing = f", train below test since epoch {int(t['crossing_epoch'])}" if pd.notna(t["crossing_epoch"]) else ""
-        lines.append(
-            f"<p>Best: trial {t['number']} &mdash; test accuracy <b>{100 * t['test_accuracy']:.1f}%</b>, "
-            f"{html.escape(_gap(t))}{crossing} ({html.escape(fmt_params(t.to_dict()))}).</p>"
-        )
-    for _, t in baseline.iterrows():
-        if pd.isna(t["test_accuracy"]):
+    best = experiment.best
+    if best is not None and best.last is not None:
+        accuracy = best.last.get("test_accuracy")
+        shown = f"test accuracy <b>{100 * accuracy:.1f}%</b>; " if accuracy is not None else ""
+        lines.append(f"<p>Best: trial {best.number} &mdash; {shown}"
+                     f"{html.escape(challenge.verdict_text(best.last, window))} "
+                     f"({html.escape(fmt_params(best.config))}).</p>")
+    for t in experiment.trials:
+        if not t.baseline or t.last is None or t.last.get("test_accuracy") is None:
             continue
-        met_text = "meets" if t["challenge_met"] == True else "does not meet"  # noqa: E712
-        lines.append(f"<p>Tutorial baseline (trial {t['number']}): test accuracy {100 * t['test_accuracy']:.1f}%, "
-                     f"{html.escape(_gap(t))}: {met_text} the challenge.</p>")
+        lines.append(f"<p>Baseline, {baseline_label(t.config)} (trial {t.number}): test accuracy "
+                     f"{100 * t.last['test_accuracy']:.1f}%; {html.escape(challenge.verdict_text(t.last, window))}.</p>")
     if "slow_epoch" in trials_df:
         for _, t in trials_df[trials_df["slow_epoch"].notna()].iterrows():
             lines.append(f"<p class='no'>Trial {t['number']}: {html.escape(str(t['slow_epoch']))} "
@@ -339,10 +328,11 @@ def trials_table_html(trials_df: pd.DataFrame, mode: str) -> str:
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, figures: dict[str, bytes]) -> str:
+def index_html(experiment: Experiment, trials_df: pd.DataFrame, figures: dict[str, bytes]) -> str:
+    exp_dir, meta, settings = experiment.folder, experiment.meta, experiment.settings
     best_config = exp_dir / export_mod.BEST_CONFIG
     config_text = best_config.read_text() if best_config.exists() else "(no trial produced a result)"
-    table_html = trials_table_html(trials_df, meta["mode"])
+    table_html = trials_table_html(trials_df, experiment.mode)
     confirm_html = ""
     confirm_file = exp_dir / CONFIRM_FILE
     if confirm_file.exists():
@@ -359,7 +349,7 @@ def index_html(exp_dir: Path, meta: dict[str, Any], trials_df: pd.DataFrame, fig
         for name, data in figures.items()
     )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(meta['name'])}: hyperparameter search</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(experiment.name)}: hyperparameter search</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222;
        line-height: 1.4; }}
@@ -377,18 +367,18 @@ th[aria-sort=ascending]::after {{ content: ' \\25B2'; }} th[aria-sort=descending
 tr.best {{ background: #e6f4e6; font-weight: 600; }} tr.baseline {{ background: #f1f1f1; font-style: italic; }}
 tbody tr:hover {{ background: #fff7d6; }}
 </style></head><body>
-<h1>Search {html.escape(meta['name'])}</h1>
-{verdict_html(meta, trials_df)}
+<h1>Search {html.escape(experiment.name)}</h1>
+{verdict_html(experiment, trials_df)}
 <h2>Best configuration</h2>
 <pre>{html.escape(config_text)}</pre>
 {confirm_html}
 <h2>Figures</h2>
 {images}
 <h2>Trials</h2>
-<p>Objective: <code>{html.escape(meta['objective'])}</code> ({meta['mode']}).
+<p>Objective: <code>{html.escape(settings.objective)}</code> ({experiment.mode}).
 Click a column to sort; scroll sideways for the rest.
 <span style="background:#e6f4e6;font-weight:600">Best trial</span>,
-<span style="background:#f1f1f1;font-style:italic">the tutorial's baseline</span>.</p>
+<span style="background:#f1f1f1;font-style:italic">the baseline</span>.</p>
 {table_html}
 <h2>Command</h2>
 <pre>{html.escape(meta.get('command', ''))}</pre>
@@ -402,39 +392,16 @@ def write_report(experiment: Experiment | str | Path, top: int = 5) -> Path:
     """Draw the figures and write index.html into <folder>/report/; returns the page's path."""
     if not isinstance(experiment, Experiment):
         experiment = Experiment.load(experiment)
-    exp_dir, meta = experiment.folder, experiment.meta
+    exp_dir, settings = experiment.folder, experiment.settings
     trials_df, epochs_df = read_tables(experiment)
     out = exp_dir / "report"
     out.mkdir(exist_ok=True)
-    study = load_study(exp_dir, meta["name"])
-    plot_learning_curves(curves_table(trials_df, epochs_df, meta["mode"], top), out / FIGURES[0],
-                         meta["challenge_window"])
-    plot_progress(progress_table(trials_df, meta["mode"]), out / FIGURES[1], meta["objective"])
+    study = load_study(exp_dir, experiment.name)
+    plot_learning_curves(curves_table(trials_df, epochs_df, experiment.mode, top), out / FIGURES[0],
+                         settings.challenge_window)
+    plot_progress(progress_table(trials_df, experiment.mode), out / FIGURES[1], settings.objective)
     plot_what_mattered(lr_table(trials_df), study, out / FIGURES[2])
     figures = {name: (out / name).read_bytes() for name in FIGURES}
     page = out / "index.html"
-    atomic_write_text(page, index_html(exp_dir, meta, trials_df, figures))
+    atomic_write_text(page, index_html(experiment, trials_df, figures))
     return page
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Plots and an HTML summary from an experiment folder (no Ray needed).")
-    p.add_argument("experiment", help="the experiment folder, results/<name>")
-    p.add_argument("--top", type=positive_int, default=5, help="trials drawn in the learning curves (default 5)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        page = write_report(args.experiment, top=args.top)
-    except ExperimentError as exc:
-        return fail(PROG, str(exc))
-    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:  # unreadable CSVs, unwritable report/
-        return fail(PROG, f"{args.experiment}: cannot draw the report ({exc})")
-    print(page)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

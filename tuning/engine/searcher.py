@@ -12,6 +12,11 @@ search resumes, the trials an interruption cut short (each tagged with the id of
 continues, so the trainable loads that trial's checkpoint). When a fixed trial ends, its result
 is added to the study as a finished trial of its own; parameters the space cannot hold (the
 baseline's momentum 0 and weight decay 0) are left out of it and named in its user attributes.
+
+Every trial of the study carries the experiment's own trial number (`number`, as in trials.csv
+and the console; Optuna numbers its trials from 0 in its own order), the values the space did not
+search (`fixed`), and its final metrics and status, so optuna-dashboard and trials.csv can be
+read side by side.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tuning.objective import WORST, constraints
-from tuning.space import Space
-from tuning.study import add_finished
+from tuning.space import AnySpace, apply_params
+from tuning.study import add_finished, final_attrs
 
 CONTINUES = "__continues__"  # config key: id of the interrupted trial this one continues
 BASELINE = "__baseline__"  # config key: this is the tutorial's configuration
@@ -40,7 +45,7 @@ class StudySearcher(Searcher):
     def __init__(
         self,
         study: optuna.Study,
-        space: Space,
+        space: AnySpace,
         fixed: list[dict[str, Any]],
         *,
         base: dict[str, Any],
@@ -59,6 +64,7 @@ class StudySearcher(Searcher):
         # another order); a continuation keeps the number of the trial it continues.
         self.numbers: dict[str, int] = {}
         self.next_number = first_number
+        self.continued_numbers: dict[str, int] = {}  # id of an interrupted trial -> its number (set by the driver)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric and mode are ours, the space is Space.suggest
@@ -71,10 +77,14 @@ class StudySearcher(Searcher):
             trial = self.study.ask()
             self.asked[trial_id] = trial
             config = self.space.suggest(trial)
-        self.configs[trial_id] = {**self.base, **hyperparameters(config)}
+        self.configs[trial_id] = apply_params(self.base, hyperparameters(config))
         if CONTINUES not in config:
             self.numbers[trial_id] = self.next_number
             self.next_number += 1
+        trial = self.asked.get(trial_id)
+        if trial is not None:
+            trial.set_user_attr("number", self.numbers[trial_id])
+            trial.set_user_attr("fixed", _fixed(self.configs[trial_id], config))
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -95,15 +105,19 @@ class StudySearcher(Searcher):
         last = {**(history[-1] if history else {}), **(result or {})}
         state = self._state(trial_id, last, error)
         fixed = self.fixed_trials.pop(trial_id, None)
+        number = self.numbers.get(trial_id) or self.continued_numbers.get(str(fixed.get(CONTINUES)) if fixed else "")
         if fixed is not None:
             if state != TrialState.FAIL and history:
+                config = apply_params(self.base, hyperparameters(fixed))
                 attrs = {"baseline": True} if fixed.get(BASELINE) else {"continues": fixed.get(CONTINUES)}
-                add_finished(self.study, self.space, {**self.base, **hyperparameters(fixed)}, history, state=state,
-                             attrs=attrs)
+                add_finished(self.study, self.space, config, history, state=state,
+                             attrs={**attrs, "number": number, **final_attrs(last, state)})
             return
         trial = self.asked.pop(trial_id, None)
         if trial is None:
             return
+        for key, value in final_attrs(last if not error else {}, state).items():
+            trial.set_user_attr(key, value)
         if state == TrialState.FAIL:
             self.study.tell(trial, state=TrialState.FAIL)
             return
@@ -130,6 +144,14 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         pass
+
+
+def _fixed(config: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """The configuration's values the sampler did not choose (base and the space's fixed ones)."""
+    keys = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule", "seed", "model")
+    out = {k: config[k] for k in keys if k in config and k not in sampled}
+    out.update({f"model.{k}": v for k, v in (config.get("model_args") or {}).items() if f"model.{k}" not in sampled})
+    return out
 
 
 class ASHAKeepingBaseline(ASHAScheduler):

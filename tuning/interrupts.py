@@ -20,7 +20,7 @@ from typing import Any
 REDELIVER_SECONDS = 3.0
 
 
-class CtrlC:
+class Interrupts:
     """The state of one search's Ctrl-C: requested (the signal came) and handled (the search took it)."""
 
     def __init__(self, every: float = REDELIVER_SECONDS) -> None:
@@ -57,9 +57,9 @@ def sigint_handler(handler: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def delivered_until_handled(every: float = REDELIVER_SECONDS) -> Iterator[CtrlC]:
+def delivered_until_handled(every: float = REDELIVER_SECONDS) -> Iterator[Interrupts]:
     """Install the redelivering handler for the block."""
-    state = CtrlC(every)
+    state = Interrupts(every)
     try:
         with sigint_handler(state.on_signal):
             yield state

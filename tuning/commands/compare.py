@@ -1,4 +1,4 @@
-"""python -m tuning.compare: search strategies side by side, on the same data, budget and trainer.
+"""hptune compare: search strategies side by side, on the same data, budget and trainer.
 
 Every strategy is a real `tuning/search.py` run (same data, same number of samples, several
 sampler seeds, our fast trainer), so only the strategy differs:
@@ -20,7 +20,7 @@ the trials meeting the challenge. Writes <out>/runs.csv, <out>/summary.csv, <out
 (medians over seeds) and <out>/compare.png (best test accuracy so far against trial-epochs and
 against wall time, the median over seeds per strategy).
 
-    python -m tuning.compare --data data/cifar10-jpeg --samples 20 --seeds 0 1 2
+    hptune compare --data data/cifar10-jpeg --samples 20 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -33,16 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import pandas as pd
 
-from trainable.cli import INTERRUPTED_STATUS, OneLineParser, command_line, add_data_args, data_flags, fail, positive_int
+from trainable.cli import INTERRUPTED_STATUS, OneLineParser, add_data_args, command_line, data_flags, fail, positive_int
 from trainable.fileio import atomic_write_text
-from tuning.experiment import Experiment, met
+from tuning.results.experiment import Experiment, met
 
-PROG = "python -m tuning.compare"
+PROG = "hptune compare"
 THRESHOLDS = (0.50, 0.55)
 RAY_TUTORIAL_SPACE = """\
 lr: {low: 1.0e-4, high: 1.0e-1, log: true}
@@ -61,25 +58,40 @@ STRATEGIES: dict[str, list[str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Search strategies side by side on the same data and budget.")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Search strategies side by side on the same data and budget.")
     add_data_args(p)
-    p.add_argument("--samples", type=positive_int, default=20, help="trials per search (default 20)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampler seeds (default 0 1 2)")
-    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs for each search's local Ray (default: all)")
-    p.add_argument("--warm-start", metavar="EXPERIMENT",
+    p.add_argument("--samples", type=positive_int, default=20, metavar="N", help="trials per search (default 20)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                   help="sampler seeds (default 0 1 2)")
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES), metavar="NAME",
+                   help=f"which to run (default all: {', '.join(STRATEGIES)})")
+    p.add_argument("--num-cpus", type=positive_int, metavar="N", help="CPUs for each search's local Ray (default: all)")
+    p.add_argument("--warm-start", metavar="FOLDER",
                    help="also run ours-warm: our default, warm-started from this earlier experiment folder")
-    p.add_argument("--warm-samples", type=positive_int, help="trials of ours-warm (default: half of --samples)")
-    p.add_argument("--out", default="results/compare",
+    p.add_argument("--warm-samples", type=positive_int, metavar="N",
+                   help="trials of ours-warm (default: half of --samples)")
+    p.add_argument("--out", default="results/compare", metavar="FOLDER",
                    help="where the runs and the summary go (default results/compare)")
+    p.add_argument("--model", metavar="REF",
+                   help="your model factory (MODULE:NAME or FILE.py:NAME) for every strategy "
+                        "(default: the tutorial's MLP)")
+    p.add_argument("--space", metavar="YAML",
+                   help="the space of ours, optuna-tpe and random-asha (default: the default space)")
+    p.add_argument("--tutorial-space", metavar="YAML",
+                   help="the space of ray-tutorial (default: the Ray Tune tutorial's, for the MLP)")
     return p
 
 
 def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from tuning.search import main as search
+    from tuning.commands.search import main as search
 
-    extra = [a.format(ray_tutorial_space=out / "ray-tutorial-space.yaml") for a in STRATEGIES.get(strategy, [])]
+    tutorial_space = args.tutorial_space or out / "ray-tutorial-space.yaml"
+    extra = [a.format(ray_tutorial_space=tutorial_space) for a in STRATEGIES.get(strategy, [])]
+    if args.space and strategy != "ray-tutorial":
+        extra += ["--space", args.space]
+    if args.model:
+        extra += ["--model", args.model]
     samples = args.samples
     if strategy == "ours-warm":
         samples = args.warm_samples or max(1, args.samples // 2)
@@ -187,13 +199,13 @@ def _best_at(curve: pd.DataFrame, x: str, at: float) -> float:
     return float(seen.iloc[-1]) if len(seen) else 0.0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        return fail(PROG, f"{out}: cannot create it ({exc.strerror or exc})")
+        return fail(prog, f"{out}: cannot create it ({exc.strerror or exc})")
     (out / "ray-tutorial-space.yaml").write_text(RAY_TUTORIAL_SPACE)
     started = time.time()
     strategies = [*args.strategies, *(["ours-warm"] if args.warm_start else [])]
@@ -205,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 folder = out / "runs" / f"{strategy}-seed{seed}"
                 curves.setdefault(strategy, []).append(progress(Experiment.load(folder)))
     except RuntimeError as exc:
-        return fail(PROG, str(exc), status=1)
+        return fail(prog, str(exc), status=1)
     except KeyboardInterrupt:
-        command = command_line(PROG, sys.argv[1:] if argv is None else argv)
+        command = command_line(prog, sys.argv[1:] if argv is None else argv)
         print(f"\nInterrupted. Finished searches are kept in {out / 'runs'}; the same command goes on from "
               f"them (an interrupted search resumes):\n  {command}", file=sys.stderr)
         return INTERRUPTED_STATUS

@@ -3,7 +3,11 @@
 search runs it, --restart, and rank(): the ONE place a best trial is chosen.
 
 Everything here reads the folder it is given, so a copied folder reads the same. Nothing here
-imports Ray.
+imports Ray. From Python:
+
+    from tuning import Experiment
+    exp = Experiment.open("results/example")
+    exp.best.number, exp.best_config, exp.trials_dataframe(), exp.settings.samples
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from trainable.config import TrainConfig
 from trainable.fileio import atomic_write_text
-from tuning.journal import DIVERGED, ERRORED, INTERRUPTED, Journal, TrialRecord, trials
+from tuning.results.journal import DIVERGED, ERRORED, INTERRUPTED, Journal, TrialRecord, trials
+from tuning.settings import SearchSettings
 
 EXPERIMENT = "experiment.json"
 RANKED_OUT = (ERRORED, INTERRUPTED, DIVERGED)  # no final result to rank
@@ -65,6 +71,50 @@ class Experiment:
         folder = Path(folder)
         return cls(folder, read_meta(folder), trials(Journal(folder).read()))
 
+    open = load  # Experiment.open("results/<name>"), as the Python API names it
+
+    @property
+    def settings(self) -> SearchSettings:
+        """The search's settings, typed (older folders: built from the keys they recorded)."""
+        stored = self.meta.get("settings")
+        if stored is None:  # written before settings were stored whole
+            stored = {k: self.meta[k] for k in ("samples", "objective", "challenge_window") if k in self.meta}
+            stored["name"] = self.meta.get("name")
+        return SearchSettings.from_dict(stored)
+
+    @property
+    def base_config(self) -> TrainConfig:
+        """The configuration every trial started from (before the space's values)."""
+        return TrainConfig.from_dict(self.meta.get("base_config") or {})
+
+    @property
+    def status(self) -> str:
+        """running, finished or interrupted."""
+        return str(self.meta.get("status", "interrupted"))
+
+    @property
+    def best_config(self) -> TrainConfig | None:
+        """The winner's configuration, as best_config.yaml holds it (None before any result)."""
+        best = self.best
+        return TrainConfig.from_dict(best.config) if best is not None else None
+
+    def trials_dataframe(self):  # noqa: ANN201 - a pandas DataFrame (pandas imported on use)
+        """One row per trial, as trials.csv (tuning.results.export.trials_table)."""
+        from tuning.results.export import trials_table
+
+        return trials_table(self.trials, self.mode, running=self.running)
+
+    def epochs_dataframe(self):  # noqa: ANN201
+        """One row per trial and epoch, as epochs.csv."""
+        from tuning.results.export import epochs_table
+
+        return epochs_table(self.trials)
+
+    def __repr__(self) -> str:
+        best = self.best
+        won = f", best trial {best.number}" if best is not None else ""
+        return f"Experiment({self.folder}: {self.status}, {len(self.trials)} of {self.settings.samples} trials{won})"
+
     def reload(self) -> Experiment:
         self.trials = trials(self.journal.read())
         return self
@@ -79,7 +129,7 @@ class Experiment:
 
     @property
     def mode(self) -> str:
-        return self.meta["mode"]
+        return self.meta.get("mode") or self.settings.mode
 
     @property
     def running(self) -> bool:

@@ -1,0 +1,65 @@
+"""hptune: the command on the PATH (`pip install -e .` puts it there). One subcommand per job;
+each is a module with `main(argv, prog) -> int`, imported only when it runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from trainable.cli import USAGE_ERROR
+
+# subcommand -> (module with main(argv, prog), what it does)
+COMMANDS = {
+    "search": ("tuning.commands.search", "search hyperparameters (the tutorial's MLP, or your own model and data)"),
+    "train": ("trainable.__main__", "train one configuration without Ray, e.g. a search's best_config.yaml"),
+    "show": ("tuning.commands.show", "the summary of an experiment folder, finished, interrupted or running"),
+    "report": ("tuning.commands.report", "figures and an HTML page from an experiment folder"),
+    "export": ("tuning.results.export", "rewrite an experiment's trials.csv, epochs.csv and best_config.yaml"),
+    "compare": ("tuning.commands.compare", "search strategies side by side on the same data and budget"),
+    "bench": ("trainable.bench", "an epoch against the tutorial's and against this machine's floor"),
+    "bench-search": ("tuning.commands.bench", "how much of a search's time goes to training"),
+    "explain": ("trainable.explain", "why the tutorial saw its test loss below its train loss"),
+    "loadtest": ("tuning.commands.loadtest", "many tiny trials: all accounted for, driver memory flat"),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("hptune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: hptune COMMAND [options]    (hptune COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "examples:", "  hptune search --samples 20", "  hptune show results/<name>",
+              "  hptune train --config results/<name>/best_config.yaml", "", "options:",
+              "  -h, --help  this list", "  --version   the installed version"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else USAGE_ERROR
+    if argv[0] == "--version":
+        print(f"hptune {version()}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"hptune: error: unknown command {name!r} (commands: {', '.join(COMMANDS)}; see hptune --help)",
+              file=sys.stderr)
+        return USAGE_ERROR
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(argv[1:], prog=f"hptune {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Test hooks: how the test suite makes a trial raise or wait, so that tests wait for events
+instead of guessing how fast a machine is. Read by the search driver from its environment (never
+by the workers) and handed to every trial; the trial function calls `after_epoch` once per epoch.
+Nothing here runs unless the variables are set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# "EPOCH:TIMES:MARKER_DIR[:KEY=VALUE]": at EPOCH, the first TIMES times a trial gets there
+# (counted in MARKER_DIR) it raises, only in trials whose config has KEY == VALUE if given.
+FAULT_ENV = "HPTUNE_INJECT_FAULT"
+# "EPOCH:FREE:MARKER_DIR": after reporting EPOCH, every trial but the first FREE to get there
+# waits until MARKER_DIR/release exists (the search cannot end while one waits). The n-th trial to
+# arrive creates MARKER_DIR/arrived-n.
+HOLD_ENV = "HPTUNE_HOLD_TRIALS"
+MOST_SECONDS = 900.0  # a held trial never hangs a forgotten test run for ever
+
+
+@dataclass(frozen=True)
+class Hooks:
+    fault: str | None = None
+    hold: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> Hooks:
+        return cls(os.environ.get(FAULT_ENV) or None, os.environ.get(HOLD_ENV) or None)
+
+    def before_report(self, epoch: int, config: Any, trial_id: str) -> None:
+        """After training epoch `epoch`, before it is reported: the injected fault, if due."""
+        if self.fault:
+            _inject_fault(self.fault, epoch, config, trial_id)
+
+    def after_report(self, epoch: int) -> None:
+        """After epoch `epoch` was reported (and checkpointed): the hold, if due."""
+        if self.hold:
+            _hold(self.hold, epoch)
+
+
+def _inject_fault(spec: str, epoch: int, config: Any, trial_id: str) -> None:
+    at, times, marker_dir, *only = spec.split(":")
+    if epoch != int(at):
+        return
+    if only:
+        key, value = only[0].split("=", 1)
+        if str(getattr(config, key)) != value:
+            return
+    marker = os.path.join(marker_dir, f"{trial_id}.faults")
+    count = int(open(marker).read()) if os.path.exists(marker) else 0
+    if count < int(times):
+        with open(marker, "w") as fh:
+            fh.write(str(count + 1))
+        raise RuntimeError(f"injected fault at epoch {epoch} (test)")
+
+
+def _hold(spec: str, epoch: int) -> None:
+    at, free, marker_dir = spec.split(":", 2)
+    if epoch != int(at):
+        return
+    arrival = 0
+    while True:  # the n-th trial to get here creates arrived-n (atomically, across processes)
+        try:
+            os.close(os.open(os.path.join(marker_dir, f"arrived-{arrival}"), os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            arrival += 1
+    deadline = time.monotonic() + MOST_SECONDS
+    while (arrival >= int(free) and not os.path.exists(os.path.join(marker_dir, "release"))
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
