@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tuning.journal import Journal, trials
+from tuning.results.journal import Journal, trials
 
 
 @contextmanager

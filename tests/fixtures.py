@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import http.server
+import io
 import pickle
 import tarfile
 import threading

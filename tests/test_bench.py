@@ -40,7 +40,8 @@ def test_bench_on_a_device_this_machine_lacks_is_one_line_and_exit_2():
     run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--device", "cuda"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr.strip() == "python -m trainable.bench: error: --device cuda: CUDA is not available on this machine"
+    assert run.stderr.strip() == ("python -m trainable.bench: error: --device cuda: "
+                                  "CUDA is not available on this machine")
 
 
 def test_first_epochs_compares_fresh_processes_with_and_without_the_malloc_setting():

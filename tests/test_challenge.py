@@ -7,9 +7,9 @@ import math
 import pytest
 
 from trainable.challenge import verdict
-from tuning.experiment import rank
-from tuning.journal import TrialRecord
 from tuning.objective import constraints, objective_value, stalled
+from tuning.results.experiment import rank
+from tuning.results.journal import TrialRecord
 
 
 def history(train, test, se=0.0, accuracy=0.5):

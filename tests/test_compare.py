@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
 from tests.drivers import running, signal_and_wait, wait_until_mid_search
-from tuning.compare import main as compare
-from tuning.ray_run import HOLD_ENV
+from tuning.commands.compare import main as compare
+from tuning.engine.hooks import HOLD_ENV
 from tuning.search import main as search
 
 pytestmark = pytest.mark.slow
-COMPARE = str(Path(__file__).resolve().parent.parent / "tuning" / "compare.py")
+COMPARE = ["-m", "tuning.commands.main", "compare"]
 
 SPACE = """
 optimizer: [sgd, adam]
@@ -114,13 +113,13 @@ def test_ctrl_c_stops_compare_with_its_own_message_and_the_same_command_goes_on(
     markers, log = tmp_path / "markers", tmp_path / "first-run.log"
     markers.mkdir()
     # two trials run to their end, the third waits after its epoch 3: mid-search on any machine
-    with running(log, [COMPARE, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+    with running(log, [*COMPARE, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
         wait_until_mid_search(out / "runs" / "optuna-tpe-seed0", proc)
         status = signal_and_wait(proc, signal.SIGINT, log)
     output = log.read_text()
     assert status == 130, output
     assert "failed" not in output and "Finished searches are kept in" in output
-    assert f"python -m tuning.compare {' '.join(argv)}" in output
+    assert f"hptune compare {' '.join(argv)}" in output
     assert not (out / "runs.csv").exists()
     # the same command resumes the interrupted search and compares
     status, stdout, err = cli(compare, argv)

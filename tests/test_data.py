@@ -34,20 +34,20 @@ from trainable.fit import Trainer
 
 def test_synthetic_is_seeded_and_shaped_like_cifar10():
     a, b, c = make_synthetic(seed=1), make_synthetic(seed=1), make_synthetic(seed=2)
-    assert a.train_images.dtype == np.uint8 and a.train_images.shape == (2048, 3, 32, 32)
+    assert a.train_inputs.dtype == np.uint8 and a.train_inputs.shape == (2048, 3, 32, 32)
     assert a.train_labels.dtype == np.int64 and a.num_classes == 10
-    assert np.array_equal(a.train_images, b.train_images) and np.array_equal(a.test_labels, b.test_labels)
-    assert not np.array_equal(a.train_images, c.train_images)
+    assert np.array_equal(a.train_inputs, b.train_inputs) and np.array_equal(a.test_labels, b.test_labels)
+    assert not np.array_equal(a.train_inputs, c.train_inputs)
 
 
 def test_image_folder_loads_every_image_with_its_class(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=(4, 2), size=8)
     data = load_image_folder(root, cache_dir=tmp_path / "cache")
     assert data.classes == tuple(sorted(CLASSES))
-    assert data.train_images.shape == (12, 3, 8, 8) and data.test_images.shape == (6, 3, 8, 8)
+    assert data.train_inputs.shape == (12, 3, 8, 8) and data.test_inputs.shape == (6, 3, 8, 8)
     assert np.bincount(data.train_labels).tolist() == [4, 4, 4]
     # the fixture paints class c in colour channel c % 3: decoding kept channels and labels together
-    brightest = data.train_images.astype(float).mean(axis=(2, 3)).argmax(axis=1)
+    brightest = data.train_inputs.astype(float).mean(axis=(2, 3)).argmax(axis=1)
     assert [CLASSES.index(data.classes[label]) % 3 for label in data.train_labels] == brightest.tolist()
 
 
@@ -62,7 +62,7 @@ def test_image_folder_second_load_reads_the_cache_not_the_images(tmp_path):
     victim.write_bytes(b"x" * stat.st_size)
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     second = load_image_folder(root, cache_dir=cache)
-    assert np.array_equal(first.train_images, second.train_images)
+    assert np.array_equal(first.train_inputs, second.train_inputs)
     # A changed file (new time stamp) invalidates the cache: decoded again, and the bad file named.
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     with pytest.raises(DataError, match=r"cat/0000\.jpg: cannot read image"):
@@ -125,17 +125,17 @@ def cifar10_server(tmp_path, monkeypatch):
 def test_cifar10_downloads_once_then_loads_from_disk(tmp_path, cifar10_server):
     root = tmp_path / "data"
     data = load_dataset("cifar10", root)
-    assert data.train_images.shape == (50, 3, 32, 32) and data.test_images.shape == (20, 3, 32, 32)
+    assert data.train_inputs.shape == (50, 3, 32, 32) and data.test_inputs.shape == (20, 3, 32, 32)
     assert data.classes[0] == "airplane" and data.train_labels.dtype == np.int64
     # CIFAR-10 rows are channel-major 32x32 planes: row 0 of batch 1 is image 0 exactly.
     import pickle
 
     row0 = pickle.loads(cifar10_server["files"]["data_batch_1"])["data"][0]
-    assert np.array_equal(data.train_images[0].reshape(-1), row0)
+    assert np.array_equal(data.train_inputs[0].reshape(-1), row0)
     one_download = len(cifar10_server["requests"])  # torchvision probes for redirects, then fetches
     assert one_download >= 1
     again = load_dataset("cifar10", root)
-    assert np.array_equal(again.train_images, data.train_images)
+    assert np.array_equal(again.train_inputs, data.train_inputs)
     assert len(cifar10_server["requests"]) == one_download  # found on disk: no second download
 
 
@@ -156,7 +156,7 @@ def test_cifar10_archive_placed_by_hand_is_used_offline(tmp_path, cifar10_server
     root.mkdir()
     (root / "cifar-10-python.tar.gz").write_bytes(cifar10_server["archive"].read_bytes())
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
-    assert load_cifar10(root).train_images.shape == (50, 3, 32, 32)
+    assert load_cifar10(root).train_inputs.shape == (50, 3, 32, 32)
 
 
 CONCURRENT_LOADER = textwrap.dedent(
@@ -168,7 +168,7 @@ CONCURRENT_LOADER = textwrap.dedent(
     CIFAR10.train_list, CIFAR10.test_list = spec["train_list"], spec["test_list"]
     CIFAR10.meta = dict(CIFAR10.meta, md5=spec["meta_md5"])
     from trainable.data import load_cifar10
-    print(load_cifar10(spec["root"]).train_images.shape)
+    print(load_cifar10(spec["root"]).train_inputs.shape)
     """
 )
 
@@ -201,7 +201,7 @@ def test_two_processes_loading_cifar10_at_once_download_it_once(tmp_path, cifar1
 def test_two_processes_decoding_one_image_folder_share_one_cache(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=(30, 10))
     script = ("import sys; from trainable.data import load_image_folder; "
-              "print(load_image_folder(sys.argv[1], cache_dir=sys.argv[2]).train_images.sum())")
+              "print(load_image_folder(sys.argv[1], cache_dir=sys.argv[2]).train_inputs.sum())")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "cache")],
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
@@ -240,10 +240,10 @@ def test_mnist_style_sets_download_once_as_1x28x28_grayscale(tmp_path, monkeypat
     patch_mnist_mirrors(monkeypatch, cls, files, f"{base}/")
     root = tmp_path / "data"
     data = load_dataset(name, root)
-    assert data.train_images.dtype == np.uint8 and data.train_images.shape == (30, 1, 28, 28)
-    assert data.test_images.shape == (10, 1, 28, 28) and data.input_shape == (1, 28, 28)
+    assert data.train_inputs.dtype == np.uint8 and data.train_inputs.shape == (30, 1, 28, 28)
+    assert data.test_inputs.shape == (10, 1, 28, 28) and data.input_shape == (1, 28, 28)
     # the idx files' pixels and labels, unchanged and in order
-    assert np.array_equal(data.train_images[:, 0], files["train-images-idx3-ubyte.gz"][0])
+    assert np.array_equal(data.train_inputs[:, 0], files["train-images-idx3-ubyte.gz"][0])
     assert data.test_labels.dtype == np.int64
     assert np.array_equal(data.test_labels, files["t10k-labels-idx1-ubyte.gz"][0])
     assert data.classes == tuple(cls.classes) and data.num_classes == 10
@@ -251,7 +251,7 @@ def test_mnist_style_sets_download_once_as_1x28x28_grayscale(tmp_path, monkeypat
     downloaded = len(requests)
     assert downloaded >= len(files)
     again = load_dataset(name, root)
-    assert np.array_equal(again.train_images, data.train_images)
+    assert np.array_equal(again.train_inputs, data.train_inputs)
     assert len(requests) == downloaded  # found on disk: nothing fetched again
 
 
@@ -264,11 +264,11 @@ def test_cifar100_downloads_once_with_its_100_fine_classes(tmp_path, monkeypatch
     patch_cifar100_checksums(monkeypatch, files, archive, f"{base}/cifar-100-python.tar.gz")
     root = tmp_path / "data"
     data = load_dataset("cifar100", root)
-    assert data.train_images.shape == (40, 3, 32, 32) and data.test_images.shape == (20, 3, 32, 32)
+    assert data.train_inputs.shape == (40, 3, 32, 32) and data.test_inputs.shape == (20, 3, 32, 32)
     assert data.num_classes == 100 and data.classes[:2] == ("fine00", "fine01")
     train = pickle.loads(files["train"])
     assert data.train_labels.tolist() == train["fine_labels"]
-    assert np.array_equal(data.train_images[0].reshape(-1), train["data"][0])  # channel-major rows
+    assert np.array_equal(data.train_inputs[0].reshape(-1), train["data"][0])  # channel-major rows
     downloaded = len(requests)
     assert downloaded >= 1
     load_dataset("cifar100", root)

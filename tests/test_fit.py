@@ -10,9 +10,10 @@ import torch
 
 from trainable.config import TrainConfig
 from trainable.data import make_synthetic
-from trainable.fit import METRICS, Trainer, autocast_dtype, fit
+from trainable.fit import METRICS, Trainer, fit
+from trainable.hardware import autocast_dtype
 from trainable.loops import train_epoch
-from trainable.model import build_model
+from trainable.models import mlp as build_model
 
 TIMING = ("epoch_seconds", "samples_per_second")
 
@@ -147,7 +148,7 @@ data = make_synthetic(seed=0, n_train=6400, n_test=10000)
 trainer = trainable.fit.Trainer(TrainConfig(data="synthetic", batch_size=64, precision=sys.argv[1]), data, device="cpu")
 for epoch in range(2):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    train_epoch(trainer.model, trainer.optimizer, trainer.train_images, trainer.train_labels, batch_size=64,
+    train_epoch(trainer.model, trainer.optimizer, trainer.train_inputs, trainer.train_labels, batch_size=64,
                 generator=torch.Generator().manual_seed(epoch), autocast_dtype=trainer.amp_dtype, fused=trainer.fused)
     print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100)
 """
@@ -165,7 +166,8 @@ def test_training_steps_reuse_memory_instead_of_faulting_in_new_pages(precision)
     def faults_per_step(keep: str) -> list[float]:
         run = [sys.executable, "-c", PAGE_FAULTS, precision]
         env = {**os.environ, "HPTUNE_KEEP_FREED_MEMORY": keep}  # "0": the same Trainer, malloc as it was
-        return [float(v) for v in subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout.split()]
+        out = subprocess.run(run, capture_output=True, text=True, check=True, env=env).stdout
+        return [float(v) for v in out.split()]
 
     control, ours = faults_per_step("0"), faults_per_step("1")
     # measured over 5 runs each: control 660-3100 a step over the two epochs, ours 55-105
@@ -189,6 +191,6 @@ def test_a_stalled_epoch_is_named_with_its_slowdown():
                          [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)])
 def test_cuda_bf16_only_where_native(capability, native):
     """V100 (7.0) and T4 (7.5) emulate bf16 although torch.cuda.is_bf16_supported() says yes."""
-    from trainable.fit import cuda_bf16_native
+    from trainable.hardware import cuda_bf16_native
 
     assert cuda_bf16_native(capability) is native

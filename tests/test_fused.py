@@ -142,8 +142,8 @@ def test_a_search_without_a_compiler_says_so_once_and_trains_with_autocast(tmp_p
                           "--results-dir", str(tmp_path / "results"), "--name", "nocc"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    notes = [line for line in run.stderr.splitlines() if "not the fused step" in line]
-    assert notes == ["python tuning/search.py: note: trials train bf16 with autocast, not the fused step: "
+    notes = [line for line in run.stderr.splitlines() if "fused step not used" in line]
+    assert notes == ["python tuning/search.py: note: trials train bf16 with autocast; fused step not used: "
                      f"no C++ compiler ({tmp_path / 'no-such-c++'}) found"], run.stderr
     assert "Traceback" not in run.stderr
     assert (tmp_path / "results" / "nocc" / "best_config.yaml").exists()

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from trainable.fit import autocast_dtype
-from tuning.journal import Journal
+from trainable.hardware import autocast_dtype
+from tuning.results.journal import Journal
 from tuning.search import main as search
 
 pytestmark = pytest.mark.gpu

@@ -21,8 +21,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tuning.journal import Journal, trials
-from tuning.search import build_parser, main as search, storage_warning
+from tuning.commands.search import build_parser, settings_from_args
+from tuning.engine.cluster import storage_warning
+from tuning.results.journal import Journal, trials
+from tuning.search import main as search
 
 REPO = Path(__file__).resolve().parent.parent
 SEARCH = str(REPO / "tuning" / "search.py")
@@ -177,7 +179,7 @@ def test_auto_with_a_stale_address_file_or_none_is_one_line_exit_2(cli, tmp_path
 
 def test_a_cluster_without_shared_storage_is_warned_about():
     def warning(*argv: str) -> str | None:
-        return storage_warning(build_parser().parse_args(list(argv)))
+        return storage_warning(settings_from_args(build_parser().parse_args(list(argv))))
 
     assert warning() is None  # a local Ray: one disk
     assert ("without --storage" in warning("--address", "auto")
@@ -226,6 +228,60 @@ def test_trials_run_on_a_worker_node_that_cannot_import_the_project(machine, tmp
     assert len(trials) == 2 and set(trials["status"]) == {"finished"}
     assert len(list((storage / "c" / "attempt-1").glob("*/checkpoint_*/state.pt"))) == 2
     assert "is a local path on this machine" in result.stderr  # --storage is a local path: the user is told
+
+
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def net(input_shape, num_classes, width=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+def rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return Rows(x[:500], y[:500]), Rows(x[500:], y[500:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_users_model_and_dataset_run_on_a_worker_node_that_cannot_import_them(machine, tmp_path):
+    """The user's module lives outside the repository and is not installed; the worker node has
+    neither it nor the project. Its model factory and its Dataset class (streamed to each trial, so
+    the trials unpickle the user's class) are shipped with the job."""
+    machine.head("--num-cpus", "0")  # every trial runs on the worker
+    address = machine.address_file.read_text().strip()
+    python, env = bare_worker_env(machine)
+    machine.ray_start("--address", address, "--num-cpus", "2", python=python, env=env)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "user.py").write_text(USER_MODULE)
+    (project / "space.yaml").write_text("lr: {low: 0.01, high: 0.1, log: true}\nbatch_size: [64]\nepochs: 2\n"
+                                        "optimizer: [nesterov]\nmomentum: 0.9\nmodel.width: [8, 32]\n")
+    result = machine.search(["--address", "auto", "--model", "user.py:net", "--data", "user.py:rows",
+                             "--data-memory", "1K", "--samples", "2", "--no-baseline", "--no-early-stop",
+                             "--space", "space.yaml", "--storage", str(tmp_path / "shared"), "--results-dir",
+                             str(tmp_path / "results"), "--name", "u"], cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 nodes, 2 CPUs" in result.stdout and "user.py" in result.stdout.split("shipped")[0]
+    assert "each trial reads it through a DataLoader" in result.stderr
+    table = pd.read_csv(tmp_path / "results" / "u" / "trials.csv")
+    assert len(table) == 2 and set(table["status"]) == {"finished"} and table["model.width"].isin([8, 32]).all()
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import pytest
 
 from tests.drivers import running, signal_and_wait, wait_until_mid_search
 from tests.fixtures import write_image_folder
-from tuning.ray_run import FAULT_ENV, HOLD_ENV
-from tuning.journal import Journal, trials
+from tuning.engine.hooks import FAULT_ENV, HOLD_ENV
+from tuning.results.journal import Journal, trials
 from tuning.search import main as search
 
 SEARCH = str(Path(__file__).resolve().parent.parent / "tuning" / "search.py")
@@ -58,8 +58,6 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--data", "/no/such/folder"], "/no/such/folder: no such folder"),
         (["--address", "ray://head:10001"], "--address ray://...: Ray Client runs Tune on the head node"),
         (["--config", "@nesterov", "--space", "@momentum0"], "momentum: nesterov needs momentum > 0"),
-        (["--config", "@nesterov", "--space", "@lrrange"],
-         "the tutorial's baseline is not a valid configuration over this base"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
@@ -72,7 +70,6 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, extra, message):
         "@badtype": write(tmp_path, "f.yaml", "batch_size: big\n"),
         "@nesterov": write(tmp_path, "g.yaml", "optimizer: nesterov\nmomentum: 0.9\n"),
         "@momentum0": write(tmp_path, "h.yaml", "lr: [0.01]\nmomentum: 0.0\n"),
-        "@lrrange": write(tmp_path, "i.yaml", "momentum: {low: 0.5, high: 0.9}\n"),
     }
     argv = ["--results-dir", str(tmp_path / "results"), "--name", "x", "--data", "synthetic",
             *[files.get(a, a) for a in extra]]
@@ -279,7 +276,7 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_200_tiny_trials_are_all_accounted_for_and_driver_memory_stays_flat(tmp_path):
-    from tuning.loadtest import run as load
+    from tuning.commands.loadtest import run as load
 
     status, rss, log = load(200, 2, tmp_path)
     assert status == 0, log[-2000:]
@@ -295,7 +292,7 @@ def test_200_tiny_trials_are_all_accounted_for_and_driver_memory_stays_flat(tmp_
 SWALLOWS_FIRST_CTRL_C = """
 import sys, time
 from pathlib import Path
-from tuning.ctrl_c import delivered_until_handled
+from tuning.interrupts import delivered_until_handled
 
 with delivered_until_handled(every=0.2) as interrupt:
     try:

@@ -9,7 +9,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from tuning.report import FIGURES, curves_table, lr_table, main as report, progress_table, top_trials, write_report
+from tuning.commands.report import main as report
+from tuning.results.report import FIGURES, curves_table, lr_table, progress_table, top_trials, write_report
 
 # One row per trial: how it ended (its epochs are below)
 TRIALS = """trial,number,baseline,lr,batch_size,epochs,optimizer,momentum,weight_decay,schedule,error
@@ -44,7 +45,7 @@ def write_journal(exp, trials_csv=TRIALS, epochs_csv=EPOCHS):
     """The journal a search would have written for these trials and epochs."""
     import io
 
-    from tuning.journal import Journal
+    from tuning.results.journal import Journal
 
     journal = Journal(exp)
     trials, epochs = pd.read_csv(io.StringIO(trials_csv)), pd.read_csv(io.StringIO(epochs_csv))
@@ -74,8 +75,8 @@ def hand_made(tmp_path):
 
 
 def tables(exp):
-    from tuning.experiment import Experiment
-    from tuning.report import read_tables
+    from tuning.results.experiment import Experiment
+    from tuning.results.report import read_tables
 
     return read_tables(Experiment.load(exp))
 
@@ -116,7 +117,7 @@ def test_report_renders_with_diverged_and_errored_trials(hand_made):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     text = page.read_text()
     assert "Challenge met</b> by 2 of 6 trials" in text
-    assert "Tutorial baseline (trial 1)" in text and "does not meet the challenge" in text
+    assert "Baseline, the base configuration (trial 1)" in text and "challenge not met (" in text
     assert "injected fault at epoch 1" in text  # the errored trial's message, in the table
     assert "python tuning/search.py --samples 6 --name hand" in text
     assert text.count("data:image/png;base64,") == 3  # self-contained

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from trainable.config import TrainConfig
-from tuning.ray_run import HOLD_ENV
-from tuning.journal import Journal
+from tuning.engine.hooks import HOLD_ENV
+from tuning.results.journal import Journal
 from tuning.search import main as search
 
 pytestmark = pytest.mark.slow
@@ -116,9 +116,12 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
                                                       "epochs": 10, "momentum": 0.0}
     stopped = trials[trials["status"] == "early-stopped"]
     assert (stopped["lr"] < 1e-5).all() and (stopped["epochs_run"] == 1).all(), stopped[["number", "lr"]]
+    # a later hopeless trial may tie with the rung's median (all at chance) and run on to be stopped
+    # as stalled at epoch 2 instead: both reach Optuna as PRUNED
+    ended_early = trials[trials["status"].isin(["early-stopped", "stalled"])]
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert len(stopped) >= 1 and len(pruned) == len(stopped)
-    assert sorted(len(t.intermediate_values) for t in pruned) == sorted(stopped["epochs_run"])
+    assert len(stopped) >= 1 and len(pruned) == len(ended_early)
+    assert sorted(len(t.intermediate_values) for t in pruned) == sorted(ended_early["epochs_run"])
     assert all(any(k.startswith("constraints") for k in t.system_attrs) for t in study.trials)
 
 
@@ -307,12 +310,12 @@ def test_a_ray_trial_flushes_subnormal_floats(tmp_path):
     from ray import tune
 
     from trainable.data import make_synthetic
-    from tuning.ray_run import train_trial
+    from tuning.engine.trial import TrialSetup, train_trial
 
     def trial(config, data):
         torch.set_flush_denormal(False)  # a fresh worker's default
-        train_trial(config, data=data, base=TrainConfig(data="synthetic", epochs=1).to_dict(),
-                    objective="test_accuracy", challenge_window=3, threads=1)
+        train_trial(config, data=data, setup=TrialSetup(base=TrainConfig(data="synthetic", epochs=1).to_dict(),
+                                                        objective="test_accuracy", challenge_window=3, threads=1))
         tune.report({"flushed": bool(((torch.full((1 << 20,), 1e-39) * 0.5) == 0).all())})
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)

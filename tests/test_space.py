@@ -67,7 +67,8 @@ def test_the_center_of_the_default_space_is_each_ranges_middle_and_the_first_cho
 
 
 def test_the_center_follows_the_define_by_run_cases():
-    space = parse_space({"optimizer": ["adam", "sgd"], "momentum": {"when": {"optimizer": "sgd"}, "low": 0.8, "high": 0.9},
+    space = parse_space({"optimizer": ["adam", "sgd"],
+                         "momentum": {"when": {"optimizer": "sgd"}, "low": 0.8, "high": 0.9},
                          "lr": [{"when": {"optimizer": "sgd"}, "low": 1e-2, "high": 1e-1, "log": True},
                                 {"when": {"optimizer": "adam"}, "low": 1e-4, "high": 1e-2, "log": True}],
                          "epochs": {"low": 5, "high": 8}, "schedule": "cosine"})

@@ -17,7 +17,7 @@ def test_prints_one_line_per_epoch_and_the_verdict(capsys):
     assert main(["--data", "synthetic", "--epochs", "2", "--optimizer", "adam"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in out if line.startswith("Epoch")] == ["1/2", "2/2"]
-    assert "test_accuracy" in out[1] and out[-1].startswith("Challenge: ")
+    assert "test_accuracy" in out[1] and out[-1].startswith("Challenge ")
 
 
 def test_json_prints_one_object_per_epoch_with_the_metric_names(capsys):
