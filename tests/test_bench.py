@@ -27,6 +27,20 @@ def test_bench_prints_the_ratio_and_the_share_of_the_machines_floor():
     assert re.search(r"\((native bf16|no native bf16)\), \d+ threads", out)
 
 
+def test_bench_times_a_users_model_against_its_usual_dataloader_pipeline():
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--model", "examples/tabular.py:model",
+                          "--data", "examples/tabular.py:data", "--model-arg", "depth=1", "--batch-size", "512",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert run.returncode == 0, run.stderr
+    rows = dict(re.findall(r"^  (.+?)\s+([\d.]+) s ", run.stdout, flags=re.M))
+    usual = float(rows["usual (DataLoader, fp32)"])
+    ours = float(next(v for k, v in rows.items() if k.startswith("ours (tensor-resident, auto")))
+    ratio = float(re.search(r"speed-up of ours \(default precision\) over the usual: ([\d.]+)x", run.stdout).group(1))
+    assert consistent(ratio, usual, ours)
+    assert "floor" not in run.stdout  # the floor counts the tutorial MLP's GEMMs only
+
+
 def test_bench_refuses_bad_input_in_one_line():
     run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--repeats", "0"],
                          capture_output=True, text=True, timeout=120)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from trainable import fused
-from trainable.cli import OneLineParser, add_data_args, data_flags, fail, positive_int
+from trainable.cli import OneLineParser, add_data_args, data_flags, fail, model_arg, positive_int
 from trainable.config import TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer, fit
@@ -59,7 +59,8 @@ from trainable.hardware import (
     fused_note,
     select_device,
 )
-from trainable.models import mlp
+from trainable.models import ModelError, build_model, factory_of
+from trainable.refs import BadReferenceError, UserCodeError
 
 PROG = "python -m trainable.bench"
 CPU = torch.device("cpu")
@@ -114,12 +115,26 @@ def tutorial_train_loop(dataloader: torch.utils.data.DataLoader, model: nn.Modul
             loss = loss.item()  # the tutorial reads the loss here to print it
 
 
-def time_tutorial(data: Dataset, batch_size: int, device: torch.device = CPU) -> Callable[[], float]:
+def usual_dataset(inputs: np.ndarray, labels: np.ndarray) -> torch.utils.data.Dataset:
+    """The data set as a user would hand it to a DataLoader: images through PIL and ToTensor, as
+    torchvision's data sets do; other inputs as a TensorDataset of float32 (or integer) tensors."""
+    if inputs.dtype == np.uint8 and inputs.ndim == 4 and inputs.shape[1] in (1, 3):
+        return TutorialDataset(inputs, labels)
+    x = torch.from_numpy(np.array(inputs))
+    return torch.utils.data.TensorDataset(x.float() if x.is_floating_point() else x, torch.from_numpy(labels))
+
+
+def time_tutorial(data: Dataset, batch_size: int, device: torch.device = CPU, model_ref: str = "mlp",
+                  model_args: dict[str, Any] | None = None) -> Callable[[], float]:
+    """The usual pipeline: a DataLoader over the data set (shuffled for a user's model; the
+    tutorial does not shuffle), the tutorial's train_loop and test_loop, SGD, fp32."""
     torch.manual_seed(42)
-    model = mlp(data.input_shape, data.num_classes).to(device)
+    model = build_model(factory_of(model_ref), model_args or {}, data.input_shape, data.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    train = torch.utils.data.DataLoader(TutorialDataset(data.train_inputs, data.train_labels), batch_size=batch_size)
-    test = torch.utils.data.DataLoader(TutorialDataset(data.test_inputs, data.test_labels), batch_size=batch_size)
+    shuffle = model_ref != "mlp"
+    train = torch.utils.data.DataLoader(usual_dataset(data.train_inputs, data.train_labels), batch_size=batch_size,
+                                        shuffle=shuffle)
+    test = torch.utils.data.DataLoader(usual_dataset(data.test_inputs, data.test_labels), batch_size=batch_size)
     loss_fn = nn.CrossEntropyLoss()
 
     def run() -> float:
@@ -136,13 +151,14 @@ class TutorialProcess:
     none of our process settings (malloc thresholds, subnormal flushing) reach it. Called, it
     runs one whole epoch there and returns its seconds; interleaving with ours still works."""
 
-    def __init__(self, data: Dataset, batch_size: int, threads: int, device: torch.device = CPU) -> None:
+    def __init__(self, data: Dataset, batch_size: int, threads: int, device: torch.device = CPU,
+                 model_ref: str = "mlp", model_args: dict[str, Any] | None = None) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_tutorial_worker, args=(child, data, batch_size, threads, str(device)),
-                                       daemon=True)
+        self.process = context.Process(target=_tutorial_worker, daemon=True,
+                                       args=(child, data, batch_size, threads, str(device), model_ref, model_args))
         self.process.start()
 
     def __call__(self) -> float:
@@ -154,18 +170,22 @@ class TutorialProcess:
         self.process.join(timeout=30)
 
 
-def _tutorial_worker(connection: Any, data: Dataset, batch_size: int, threads: int, device: str) -> None:
+def _tutorial_worker(connection: Any, data: Dataset, batch_size: int, threads: int, device: str, model_ref: str,
+                     model_args: dict[str, Any] | None) -> None:
     torch.set_num_threads(threads)
-    run = time_tutorial(data, batch_size, torch.device(device))
+    run = time_tutorial(data, batch_size, torch.device(device), model_ref, model_args)
     while connection.recv() is not None:
         connection.send(run())
 
 
 def time_ours(data: Dataset, batch_size: int, precision: str, device: torch.device = CPU,
-              fused: bool = True) -> Callable[[], float]:
+              fused: bool = True, model_ref: str = "mlp",
+              model_args: dict[str, Any] | None = None) -> Callable[[], float]:
     """One whole epoch of `python -m trainable` (train, then evaluate), as the trainer runs it;
     `fused=False`: bf16 with autocast and torch's optimizer step, as before the fused step."""
-    trainer = Trainer(TrainConfig(batch_size=batch_size, precision=precision, epochs=1_000_000), data, device=device)
+    config = TrainConfig(batch_size=batch_size, precision=precision, epochs=1_000_000, model=model_ref,
+                         model_args=model_args or {})
+    trainer = Trainer(config, data, device=device)
     if not fused:
         trainer.fused = None
 
@@ -258,22 +278,39 @@ def device_name(device: torch.device) -> str:
     return cpu_name() if device.type == "cpu" else device.type
 
 
-def speed(data: Dataset, batch_size: int, repeats: int, device: torch.device = CPU) -> dict[str, float]:
+def speed(data: Dataset, batch_size: int, repeats: int, device: torch.device = CPU, model_ref: str = "mlp",
+          model_args: dict[str, Any] | None = None) -> dict[str, float]:
+    """Median seconds of one whole epoch per contender: the usual pipeline (the tutorial's, for its
+    MLP), ours in fp32 and in the default precision, and, for the tutorial's MLP, the floor."""
     default = "bf16" if autocast_dtype("auto", device) is torch.bfloat16 else "fp32"
-    ours = time_ours(data, batch_size, "auto", device)
+    own = {"model_ref": model_ref, "model_args": model_args}
+    ours = time_ours(data, batch_size, "auto", device, **own)
     with_fused = default == "bf16" and ours.fused  # type: ignore[attr-defined]
-    tutorial = TutorialProcess(data, batch_size, torch.get_num_threads(), device)
+    tutorial = TutorialProcess(data, batch_size, torch.get_num_threads(), device, model_ref, model_args)
+    usual = ("tutorial (DataLoader + ToTensor, fp32)" if model_ref == "mlp" else
+             f"usual (DataLoader{' + ToTensor' if isinstance(tutorial_data(data), TutorialDataset) else ''}, fp32)")
     contenders = {
-        "tutorial (DataLoader + ToTensor, fp32)": tutorial,
-        "ours (tensor-resident, fp32)": time_ours(data, batch_size, "fp32", device),
+        usual: tutorial,
+        "ours (tensor-resident, fp32)": time_ours(data, batch_size, "fp32", device, **own),
         f"ours (tensor-resident, auto = {default}{', fused step' if with_fused else ''})": ours,
     }
     if with_fused:  # the same bf16 epoch with autocast and torch's optimizer step: what the fused step saves
-        contenders["ours (bf16, autocast + torch's step)"] = time_ours(data, batch_size, "auto", device, fused=False)
+        contenders["ours (bf16, autocast + torch's step)"] = time_ours(data, batch_size, "auto", device, fused=False,
+                                                                       **own)
+    if model_ref != "mlp":  # the floor counts the MLP's GEMMs; a user's model has its own
+        return _timed(contenders, repeats, tutorial)
     contenders["floor fp32 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.float32, device=device)
     if default == "bf16":
         contenders["floor bf16 (the epoch's GEMMs alone)"] = time_floor(data, batch_size, torch.bfloat16,
                                                                         device=device)
+    return _timed(contenders, repeats, tutorial)
+
+
+def tutorial_data(data: Dataset) -> torch.utils.data.Dataset:
+    return usual_dataset(data.test_inputs[:1], data.test_labels[:1])
+
+
+def _timed(contenders: dict[str, Callable[[], float]], repeats: int, tutorial: TutorialProcess) -> dict[str, float]:
     try:
         for run in contenders.values():  # warm-up: first-call allocations, thread pools
             run()
@@ -301,6 +338,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (cuda -> mps -> cpu, as `python -m trainable`), cpu, cuda, cuda:1: where both "
                         "pipelines and the floor's GEMMs run")
+    p.add_argument("--model", default="mlp", metavar="REF",
+                   help="the model: mlp (the tutorial's, default) or your factory MODULE:NAME / FILE.py:NAME; for "
+                        "yours the baseline is the usual DataLoader pipeline and there is no floor")
+    p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
+                   help="a keyword argument of the model factory (repeatable)")
     p.add_argument("--precision-check", action="store_true",
                    help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
     p.add_argument("--first-epochs", action="store_true",
@@ -346,7 +388,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(fp32, bf16))
         print(f"bf16 - fp32: test_accuracy {gap:+.2f} points; largest train_loss gap over the epochs {worst:.4f}")
         return 0
-    medians = speed(data, args.batch_size, args.repeats, device)
+    try:
+        medians = speed(data, args.batch_size, args.repeats, device, args.model, dict(args.model_arg))
+    except (BadReferenceError, ModelError, UserCodeError) as exc:
+        return fail(prog, str(exc))
     print_speed(medians, data, args.batch_size, args.repeats)
     if fused.unavailable_reason():
         print(f"bf16 {fused_note()}")
@@ -374,17 +419,20 @@ def print_speed(medians: dict[str, float], data: Dataset, batch_size: int, repea
     pipelines = [n for n in medians if not n.startswith("floor")]
     tutorial, fp32, ours = (medians[n] for n in pipelines[:3])
     floors = {n.split()[1]: medians[n] for n in medians if n.startswith("floor")}
-    flops = epoch_flops(data, batch_size=batch_size)
     print(f"one whole epoch (train + test) at batch {batch_size}, median of {repeats}:")
     for name in pipelines:
         print(f"  {name:<48} {medians[name]:7.2f} s   {tutorial / medians[name]:5.2f}x")
+    baseline = pipelines[0].split(" (")[0]
+    print(f"speed-up of ours (default precision) over the {baseline}: {tutorial / ours:.2f}x")
+    if len(pipelines) > 3:
+        print(f"speed-up of the fused bf16 step over autocast + torch's step: {medians[pipelines[3]] / ours:.2f}x")
+    if not floors:
+        return
+    flops = epoch_flops(data, batch_size=batch_size)
     for name, seconds in medians.items():
         if name.startswith("floor"):
             print(f"  {name:<48} {seconds:7.2f} s   {flops / seconds / 1e9:5.0f} GFLOP/s")
     own = "bf16" if "bf16" in floors and "auto = bf16" in pipelines[2] else "fp32"
-    print(f"speed-up of ours (default precision) over the tutorial: {tutorial / ours:.2f}x")
-    if len(pipelines) > 3:
-        print(f"speed-up of the fused bf16 step over autocast + torch's step: {medians[pipelines[3]] / ours:.2f}x")
     print(f"share of this machine's floor: ours {own} {100 * floors[own] / ours:.0f}% of the {own} floor; "
           f"ours fp32 {100 * floors['fp32'] / fp32:.0f}% of the fp32 floor")
 
