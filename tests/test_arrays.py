@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -240,3 +243,24 @@ def test_float_inputs_are_used_as_they_are():
     trainer = ArrayTrainer([c], *float_data, input_shape=DATA.input_shape, num_classes=DATA.num_classes, device="cpu")
     trainer.run_epoch()
     assert_same_run(trainer.history(0), separate(c))
+
+
+def test_the_bench_prints_separate_and_array_rows_and_their_ratio():
+    # fp32: the fused bf16 step's first build (25 s and more) is not what this checks; timings are not asserted
+    run = subprocess.run([sys.executable, "-m", "trainable.arrays_bench", "--data", "synthetic", "--k", "2",
+                          "--epochs", "1", "--warmup", "0", "--threads", "1", "--precision", "fp32"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    rows = dict(re.findall(r"^  (separate|array) +K= *2 +([\d.]+) trial-epochs/s", out, flags=re.M))
+    assert set(rows) == {"separate", "array"}, out
+    ratio = float(re.search(r"^array / separate, K= *2: ([\d.]+)x", out, flags=re.M).group(1))
+    assert ratio == pytest.approx(float(rows["array"]) / float(rows["separate"]), rel=0.05, abs=0.01)
+    assert re.search(r"^GEMM floor: [\d.]+ s per trial-epoch \(fp32 GEMMs", out, flags=re.M)
+    assert re.search(r"% of the GEMM floor$", out, flags=re.M)
+
+
+def test_the_bench_refuses_bad_input_in_one_line():
+    run = subprocess.run([sys.executable, "-m", "trainable.arrays_bench", "--k", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

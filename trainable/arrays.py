@@ -423,7 +423,7 @@ class ArrayTrainer:
             self._stepped[i] = True  # every member takes at least one step this epoch
         results, train = self._train_epoch(epochs, start)
         train_seconds = time.perf_counter() - start
-        for member, (loss, accuracy, se) in zip(self._order, self._evaluate()):
+        for member, (loss, accuracy, se) in zip(self._order, self._evaluate() if self._order else []):
             train_loss, train_accuracy = train[member]
             results[member] = self._record(member, epochs[member], train_loss, train_accuracy, loss, accuracy, se,
                                            time.perf_counter() - start, train_seconds)
