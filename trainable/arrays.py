@@ -148,7 +148,7 @@ class _SgdFamily:
             if self.any_momentum:
                 m = _per_member(self.momentum, w)
                 b = self.buffers[name] = _same_layout(self.buffers[name], d)
-                torch.addcmul(d, b, m, out=b)  # b = m*b + d, one pass
+                b.mul_(m).add_(d)  # two roundings, as torch's kernel (an addcmul would fuse them)
                 if self.all_nesterov:
                     d.addcmul_(b, m)
                 elif self.any_nesterov:  # d*1 + m*b for Nesterov members, d*0 + 1*b for the others
@@ -197,6 +197,7 @@ class _AdamFamily:
         self.exp_avg = {name: torch.zeros(k, *shape, device=device) for name, shape in shapes.items()}
         self.exp_avg_sq = {name: torch.zeros(k, *shape, device=device) for name, shape in shapes.items()}
         self.steps = torch.zeros(k, dtype=self.wide, device=device)
+        self._scratch: dict[str, torch.Tensor] = {}
         self.set_lr([c.lr for c in configs])
 
     def _hyper(self, configs: Sequence[TrainConfig]) -> None:
@@ -227,12 +228,16 @@ class _AdamFamily:
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = torch.sqrt(v, out=g).div_(_per_member(bias_correction2_sqrt, w)).add_(EPS)
-            w.sub_(torch.div(m, denom, out=denom).mul_(_per_member(step_size, w)))
+            scratch = self._scratch.get(name)
+            if scratch is None or scratch.stride() != g.stride():
+                scratch = self._scratch[name] = torch.empty_like(g)  # kept: no K-sized allocation a step
+            w.sub_(torch.mul(m, _per_member(step_size, w), out=scratch).div_(denom))  # (lr_t * m) / denom
 
     def select(self, keep: torch.Tensor, configs: Sequence[TrainConfig]) -> None:
         self.exp_avg = {name: t.index_select(0, keep) for name, t in self.exp_avg.items()}
         self.exp_avg_sq = {name: t.index_select(0, keep) for name, t in self.exp_avg_sq.items()}
         self.steps = self.steps.index_select(0, keep)
+        self._scratch = {}
         lrs = self.lr.index_select(0, keep).tolist()
         self._hyper(configs)
         self.set_lr(lrs)
@@ -258,6 +263,53 @@ class _AdamFamily:
         self.exp_avg_sq[name][j].copy_(entry["exp_avg_sq"])
         self.steps[j] = float(entry["step"])
         return True
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """K linear layers at once: h (K, B, in) @ w (K, out, in)^T + b (K, out), as nn.Linear's
+    addmm computes each (bias inside the matmul). The backward pass writes the weight gradient
+    as g^T h, in the weights' own (K, out, in) layout: autograd's bmm would give it transposed,
+    and the updates then stride through memory (a transposing copy of the K=16 stack of the
+    first layer cost ~150 ms on the 2-core Xeon, as much as a step's GEMMs), into `grad_w_out`
+    when given: a buffer kept between steps, as glibc maps (and page-faults) every block above
+    32 MB afresh. On a CPU each member's outputs and gradients are bit for bit those of its own
+    nn.Linear, fp32 and bf16."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                grad_w_out: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.save_for_backward(h, w)
+        ctx.has_bias = b is not None
+        ctx.grad_w_out = grad_w_out
+        wt = w.transpose(1, 2)
+        return torch.bmm(h, wt) if b is None else torch.baddbmm(b.unsqueeze(1), h, wt)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, w = ctx.saved_tensors
+        grad_h = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(g.transpose(1, 2), h, out=ctx.grad_w_out) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None
+
+
+def _mlp_plan(model: nn.Module) -> list[tuple[str, str | None, str | None]] | None:
+    """[("flatten"|"linear"|"relu", weight name, bias name)] when `model` is an nn.Sequential of a
+    leading Flatten and Linear and ReLU layers (the tutorial's MLP, any widths): the layers the
+    batched-matmul forward knows. None for anything else (vmap then)."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    plan: list[tuple[str, str | None, str | None]] = []
+    for index, (name, layer) in enumerate(model.named_children()):
+        if isinstance(layer, nn.Flatten) and index == 0 and (layer.start_dim, layer.end_dim) == (1, -1):
+            plan.append(("flatten", None, None))
+        elif type(layer) is nn.Linear:
+            plan.append(("linear", f"{name}.weight", f"{name}.bias" if layer.bias is not None else None))
+        elif type(layer) is nn.ReLU:
+            plan.append(("relu", None, None))
+        else:
+            return None
+    return plan if any(kind == "linear" for kind, _, _ in plan) else None
 
 
 def _family(config: TrainConfig) -> str:
@@ -329,6 +381,7 @@ class ArrayTrainer:
         self.buffers: dict[str, torch.Tensor] = buffers
         # weights live in the stack; the template only lends functional_call its structure
         self._template = copy.deepcopy(models[0]).to("meta")
+        self._plan = _mlp_plan(self._template)  # None: a model the batched matmuls do not know, so vmap
         self._names = [name for name, _ in self._template.named_parameters()]
         self._state_keys = list(self._template.state_dict().keys())
         shapes = {name: p.shape[1:] for name, p in self.params.items()}
@@ -338,6 +391,18 @@ class ArrayTrainer:
         self._adam = _AdamFamily(adam, shapes, self.device) if adam else None
         self._histories: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(self.configs))}
         self._stepped = {i: False for i in range(len(self.configs))}  # any optimizer step taken yet
+        # bf16: the weights autocast would cast to bf16 at every use (those of Linear and Conv
+        # layers) are cast once per step, after the update, into bf16 leaves the passes run on
+        self._cast_names = set()
+        if self.amp_dtype is not None:
+            for prefix, module in self._template.named_modules():
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                    self._cast_names |= {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(
+                        recurse=False)}
+        self._low: dict[str, torch.Tensor] = {}
+        self._refresh_low()
+        self._grad_out: dict[str, torch.Tensor] = {}  # weight gradients, written in place each step
+        self._grad32: dict[str, torch.Tensor] = {}  # their fp32 form in bf16
 
     # --- members --------------------------------------------------------------------------------
 
@@ -394,6 +459,8 @@ class ArrayTrainer:
                            for name, p in self.params.items()}
             self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}
         self._order = [self._order[p] for p in keep]
+        self._low = {}
+        self._refresh_low()
         for family, positions in ((self._sgd, [p for p in keep if p < split]),
                                   (self._adam, [p - split for p in keep if p >= split])):
             if family is None:
@@ -440,16 +507,77 @@ class ArrayTrainer:
         if self._adam is not None:
             self._adam.set_lr(lrs[split:])
 
-    def _forward(self, x: torch.Tensor, shared: bool, params: Mapping[str, torch.Tensor] | None = None,
-                 buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def _refresh_low(self) -> None:
+        """bf16 copies of the weights autocast casts, in their layout (no-op in fp32).
+
+        Under vmap, autocast's own casts of the stacked weights cost as much as the bf16 GEMMs
+        saved (K=16 on the 2-core Xeon: 231 ms a step against 240 in fp32; 116 ms with bf16
+        leaves). Casting once after each update computes exactly what autocast computes: it
+        would cast these same fp32 weights to bf16 at their use, and turn their bf16 gradients
+        back to fp32, as `_train_epoch` does."""
+        for name in self._cast_names:
+            weight, low = self.params[name].detach(), self._low.get(name)
+            if low is None:
+                # contiguous, as a model's own weights are: oneDNN's bf16 GEMMs round differently
+                # when a weight comes transposed (the fp32 masters follow their gradients' layout)
+                self._low[name] = weight.to(self.amp_dtype, memory_format=torch.contiguous_format).requires_grad_()
+            else:
+                low.copy_(weight)
+
+    def _fp32(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if grad.dtype == torch.float32:
+            return grad
+        if not grad.is_contiguous():
+            return grad.float()
+        return self._buffer(self._grad32, name, grad, torch.float32).copy_(grad)
+
+    def _leaves(self) -> dict[str, torch.Tensor]:
+        """The tensors the passes run on: the bf16 copies where there are, else the fp32 weights."""
+        return {name: self._low.get(name, p) for name, p in self.params.items()}
+
+    def _forward(self, x: torch.Tensor, shared: bool, params: Mapping[str, torch.Tensor],
+                 buffers: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits (K, B, classes) of every member: x is (K, B, ...) or, shared, (B, ...)."""
+        if self._plan is not None:
+            return self._forward_mlp(x, shared, params)
 
         def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(self._template, (p, b), (xi,))
 
-        params = self.params if params is None else params
-        buffers = self.buffers if buffers is None else buffers
         return torch.vmap(one, in_dims=(0, 0, None if shared else 0))(params, buffers, x)
+
+    @staticmethod
+    def _buffer(buffers: dict[str, torch.Tensor], name: str, like: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor shaped like `like` kept in `buffers` between steps (made again when K changes)."""
+        buffer = buffers.get(name)
+        dtype = dtype or like.dtype
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != dtype:
+            buffer = buffers[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        return buffer
+
+    def _forward_mlp(self, x: torch.Tensor, shared: bool, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The MLP as one batched matmul per layer (`_BatchedLinear`): on a CPU each member's
+        logits and gradients come out bit for bit those of its own model, in fp32 and in bf16
+        (vmap's linear adds the bias after the matmul, in fp32 under autocast, and returns the
+        weight gradients transposed). A shared batch is expanded (stride 0), not copied."""
+        h = x
+        k = next(iter(params.values())).shape[0]
+        for kind, weight, bias in self._plan:
+            if kind == "flatten":
+                h = h.flatten(1) if shared else h.flatten(2)
+            elif kind == "relu":
+                h = h.relu()
+            else:
+                if h.dim() == 2:  # the shared batch, the same for every member
+                    h = h.expand(k, *h.shape)
+                w = params[weight]
+                out = None
+                if w.requires_grad and torch.is_grad_enabled():
+                    out = self._buffer(self._grad_out, weight, w)
+                h = _BatchedLinear.apply(h, w, None if bias is None else params[bias], out)
+        return h
 
     def _train_epoch(self, epochs: Mapping[int, int],
                      start: float) -> tuple[dict[int, dict[str, Any]], dict[int, tuple[float, float]]]:
@@ -480,12 +608,13 @@ class ArrayTrainer:
                 x = _unit(self.train_x.index_select(0, flat), self.amp_dtype).view(k, b, *self.train_x.shape[1:])
                 y = self.train_y.index_select(0, flat).view(k, b)
                 targets = y.reshape(-1)
-            params = list(self.params.values())
+            leaves = self._leaves()
             with autocast(self.device, self.amp_dtype):
-                logits = self._forward(x, shared)
+                logits = self._forward(x, shared, leaves, self.buffers)
                 losses = F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none").view(k, b).mean(1)
-            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            self._step(dict(zip(self.params, grads)))
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+            # fp32 gradients the step may overwrite (bf16 ones converted as autocast's cast-back does)
+            self._step({name: None if g is None else self._fp32(name, g) for name, g in zip(leaves, grads)})
             loss_sum += losses.detach() * b
             correct += (logits.detach().argmax(-1) == y).sum(-1)
             if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum).all().item():
@@ -523,12 +652,13 @@ class ArrayTrainer:
                 continue
             # slices of the stacked tensors: views, updated in place
             family.step({n: self.params[n].detach()[part] for n in names}, {n: grads[n][part] for n in names})
+        self._refresh_low()
 
     @torch.no_grad()
     def _evaluate(self, positions: Sequence[int] | None = None) -> list[tuple[float, float, float]]:
         """(mean loss, accuracy, standard error of the loss) on the test split for the members at
         stack `positions` (all when None), batched over members, as loops.evaluate computes them."""
-        params, buffers = self.params, self.buffers
+        params, buffers = self._leaves(), self.buffers
         if positions is not None:
             index = torch.tensor(list(positions), dtype=torch.int64, device=self.device)
             params = {name: p.detach().index_select(0, index) for name, p in params.items()}
@@ -626,6 +756,7 @@ class ArrayTrainer:
             for name, index in zip(self._names, groups[0]["params"]):
                 entry = optimizer["state"].get(index, optimizer["state"].get(str(index), {}))
                 stepped |= family.load(local, name, entry)
+        self._refresh_low()
         self._histories[member] = [dict(m) for m in state["history"]]
         self._stepped[member] = stepped or bool(self._histories[member])
 
