@@ -1,63 +1,77 @@
 """Trial arrays: K configurations that share a batch size, trained as ONE stacked model on one device.
 
-Each member trains exactly as `trainable.fit.Trainer` would train it alone, so its metrics are the
-ones its separate run gives (up to float rounding):
+Each member trains as `trainable.fit.Trainer` would train it alone, so its metrics are the ones
+its separate run gives. No Ray here, and no import of `tuning/`.
 
-- initialisation: `torch.manual_seed(config.seed)`, then `build(config)`, member by member, as
-  the Trainer does; the K models' weights are stacked with `torch.func.stack_module_state`
-  (every tensor gets a leading member dimension K);
-- forward: `torch.func.functional_call` of one template model under `torch.vmap` over the
-  stacked weights. Batched matmuls written by hand (`baddbmm` per layer) were measured too, on
-  this project's 2-core Intel Xeon at K=16, batch 128, one thread: 218-233 ms a step against
-  vmap's 242 ms, within this shared machine's noise, and vmap works for any `build` (not only the
-  MLP) and under autocast unchanged; so vmap. What does cost on a CPU is memory, not the GEMMs:
-  the stacked gradient of the first layer is K x 6 MB, above glibc's largest mmap threshold
-  (32 MB) from K = 6, so each step maps and faults in fresh pages for it (a preallocated
-  `out=` made the same bmm 1.6x faster in isolation);
-- data order: member k draws its own permutation each epoch, `torch.randperm(n, generator=
-  torch.Generator().manual_seed(epoch_seed(seed_k, epoch_k)))` as `loops.train_epoch` does;
-  step s gathers one (K, B) index into one (K, B, ...) batch, so member k sees the batches of its
-  own separate run. When every member has the same (seed, epoch) the permutations are equal and
-  the batch is gathered once and shared (vmap's `in_dims=None`): same numbers, less gathering;
-- loss: cross-entropy per member (mean over its batch); the backward pass is of the sum over
-  members, whose gradient with respect to member k's weights is member k's own gradient.
-  Divergence is checked per member, every `DIVERGENCE_CHECK_STEPS` steps (one device sync, as
-  the Trainer's check): a member whose running loss is NaN/inf leaves the array there, with the
-  metrics its own run would report (train_loss NaN, evaluated on its weights at that step);
-- optimizer: one step over the stack with torch's formulas (those of its fused CPU kernels, as
-  `bf16_update.cpp` spells them), every hyperparameter a (K,) tensor broadcast over the member
-  dimension: SGD (momentum, dampening 0, weight decay as L2), Nesterov, Adam (L2 decay) and
-  AdamW (decoupled decay, w *= 1 - lr*wd), eps 1e-8, betas (0.9, 0.999), bias correction from
-  each member's own step count; lr per member per epoch from `fit.epoch_lr` (constant or cosine
-  over the member's own epochs). Members with a hyperparameter at zero get torch's result
-  exactly (x*0 and x+0 leave a finite x as it is), so SGD with and without momentum, with and
-  without decay, share one formula; Nesterov and plain momentum are selected by a mask;
-- mixed optimizer families are allowed: members are kept in the stack grouped by family (the
-  SGD family, sgd and nesterov, first; then adam and adamw), and each family's formula runs on
-  its contiguous slice of the stacked tensors, a view, so a mixed array costs one step per
-  family's members, not both formulas for everyone. Member ids stay the configs' indices;
-- precision: fp32, or bf16 autocast where `fit.autocast_dtype` says so (all members must agree);
-  the fused bf16 CPU step (`trainable/fused.py`) is not used here, so in bf16 a member matches
-  its separate run with autocast and torch's step (`Trainer.fused = None`), up to bf16 rounding;
-- leaving: a member leaves when its last epoch has been reported (at the start of the next
+- Initialisation: `torch.manual_seed(config.seed)`, then `build(config)`, member by member, as
+  the Trainer does; the weights are stacked with `torch.func.stack_module_state` (a leading
+  member dimension K).
+- Forward and backward: for the tutorial's MLP (`nn.Sequential` of Flatten, Linear, ReLU: the
+  default `build`, any widths) one batched matmul per layer, `_BatchedLinear` (baddbmm, bias
+  inside the matmul as nn.Linear's addmm); for any other `build`, `torch.func.functional_call`
+  of a template model under `torch.vmap`. Why batched matmuls for the MLP, measured on this
+  project's 2-core Intel Xeon (K=16, batch 128, one thread, 2,048 images an epoch): on a CPU
+  each member's logits and gradients come out bit for bit those of its own model, fp32 and bf16
+  (vmap's linear adds the bias after the matmul, in fp32 under autocast, so a bf16 member
+  drifted from its separate run by bf16 rounding within an epoch), and they were faster:
+  4.2-4.7 s an epoch against vmap's 4.9-5.1 s in fp32, 3.3 s against 7.5 s in bf16. Most of
+  that is memory, not arithmetic: autograd's bmm returns the stacked weight gradients transposed
+  (a transposing copy of the K=16 first layer took ~150 ms), and a gradient above 32 MB is
+  mapped and page-faulted afresh by glibc every step; `_BatchedLinear` writes it in the weights'
+  layout into a buffer kept between steps.
+- Data order: member k draws its own permutation each epoch, `torch.randperm(n, generator=
+  torch.Generator().manual_seed(epoch_seed(seed_k, epoch_k)))` as `loops.train_epoch` does, and
+  step s gathers one (K, B) index into one (K, B, ...) batch: member k sees the batches of its
+  own run. When all members have the same (seed, epoch), as a search's trials do (seed 42), the
+  permutations are equal and each batch is gathered once and shared (expanded, not copied).
+- Loss: cross-entropy per member, the mean over its batch; the backward pass is of the sum over
+  members, whose gradient for member k's weights is member k's own. Divergence is checked per
+  member every `DIVERGENCE_CHECK_STEPS` steps (one device sync, as the Trainer's check): a
+  member whose running loss is NaN/inf leaves the array there with the metrics its own run
+  reports (train_loss NaN, train accuracy so far, evaluated on its weights at that step).
+- Optimizer: one step over the stack with the formulas of torch's fused kernels, every
+  hyperparameter a (K,) tensor broadcast over the member dimension: SGD (momentum, dampening 0,
+  weight decay as L2), Nesterov, Adam (L2 decay), AdamW (decoupled decay, w *= 1 - lr*wd), eps
+  1e-8, betas (0.9, 0.999), bias correction from each member's own step count, lr per member
+  per epoch from `fit.epoch_lr` (constant or cosine over its own epochs). The operations round
+  as torch's CPU kernels do (fused multiply-adds where they fuse, not where they do not): SGD
+  and Nesterov updates are bit for bit torch's, Adam's differ in the last bit of a few in 10^5
+  elements a step. A hyperparameter at zero gives torch's result exactly (x*0, x+0 and x*1
+  leave a finite x as it is), so SGD with and without momentum or decay share one formula, and
+  Nesterov and plain momentum are mixed by per-member coefficients. Every operation is in place
+  (no K-sized temporaries), but it is still ~7 passes over the stacked weights a step where
+  torch's fused kernel makes one: on a CPU the step costs as much as the GEMMs.
+- Mixed optimizer families are allowed: members are kept in the stack grouped by family (sgd
+  and nesterov first, then adam and adamw) and each family's formula runs on its contiguous
+  slice of the stacked tensors, a view: a mixed array costs one step per member, not both
+  formulas for everyone. Member ids stay the configs' indices.
+- Precision: fp32, or bf16 autocast where `fit.autocast_dtype` says so (all members agree). Not
+  the fused bf16 CPU step (`trainable/fused.py`): in bf16 a member matches its separate run with
+  autocast and torch's step. Under autocast every Linear would cast its fp32 weights to bf16 at
+  each use; here those weights are cast once per step, after the update, into bf16 tensors the
+  passes run on (contiguous, as a model's own: oneDNN's bf16 GEMMs round differently for a
+  transposed weight). Same numbers; the casts under vmap cost as much as the bf16 GEMMs saved.
+- Leaving: a member leaves when its last epoch has been reported (at the start of the next
   `run_epoch`, so its final state can still be saved), when it diverges, or by `remove(member)`
-  (ASHA stopping it, the stall rule); the weights, optimizer state and per-member
-  hyperparameters are compacted with `index_select` and the others continue unchanged;
-- state: `member_state_dict(i)` is in `Trainer.state_dict()`'s format (the model's state dict,
-  torch's own optimizer state dict, the history), so a plain Trainer resumes a member, and
-  `load_member_state(i, state)` starts a member from a Trainer's checkpoint;
-- timing: a member's `epoch_seconds` is the array's wall time for that epoch (train and test,
-  shared by its members) and `samples_per_second` its training images over the array's
-  training time, i.e. what the member experienced; a search that sums trial-seconds counts an
-  array's epoch once per member.
+  (ASHA stopping it, the stall rule): weights, optimizer state and per-member hyperparameters
+  are compacted with `index_select`, and the others continue unchanged.
+- State: `member_state_dict(i)` is in `Trainer.state_dict()`'s format (the model's state dict,
+  torch's own optimizer state dict, the history): a plain Trainer of the same config resumes
+  it; `load_member_state(i, state)` starts a member from a Trainer's checkpoint.
+- Timing: a member's `epoch_seconds` is the array's wall time for that epoch (train and test,
+  shared by its members) and `samples_per_second` its training images over the array's training
+  time, what the member experienced; a search summing trial-seconds counts an array's epoch
+  once per member.
 
-Speed (`python -m trainable.arrays_bench`): on this project's 2-core CPU arrays are not faster
-than training the same configurations one after another (see that module for the figures);
-the stacked GEMMs run at the same rate as single ones there and the rest of a step scales with
-K. They are meant for GPUs, where one small model leaves most of the chip idle, and stay off by
-default on CPUs.
+Speed (`python -m trainable.arrays_bench --k 4 16 --epochs 2 --threads 1 --repeats 3`, on the
+2-core Intel Xeon, KVM, model 207, AVX512-BF16 and AMX, shared with other work; synthetic data,
+batch 128): arrays are SLOWER here than the same trials one after another, array / separate
+0.58x (K=4) and 0.49x (K=16) in bf16, the default here, against the Trainer's fused bf16 step;
+0.83x and 0.82x in fp32. The stacked GEMMs run as fast as single ones on this CPU and the rest
+of a step (the optimizer's passes over memory) grows with K. Arrays stay off by default on
+CPUs; they are meant for GPUs, where one small model leaves most of the chip idle (not measured:
+no GPU in this session).
 """
-
 from __future__ import annotations
 
 import copy
@@ -72,8 +86,15 @@ from torch import nn
 
 from trainable import challenge
 from trainable.config import TrainConfig
-from trainable.fit import (autocast_dtype, epoch_lr, epoch_seed, flush_denormals, keep_freed_memory,
-                           make_optimizer, select_device)
+from trainable.fit import (
+    autocast_dtype,
+    epoch_lr,
+    epoch_seed,
+    flush_denormals,
+    keep_freed_memory,
+    make_optimizer,
+    select_device,
+)
 from trainable.loops import DIVERGENCE_CHECK_STEPS, autocast, to_unit
 from trainable.model import build_model
 
@@ -91,10 +112,10 @@ def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` (shaped like `like`, but for dim 0) with its dimensions laid out in memory in `like`'s
-    order, dense. Autograd returns the stacked weights' gradients transposed ((K, out, in) with
-    the `in` dimension outermost); elementwise updates between tensors of different layouts
-    stride through memory and ran 10x slower on a CPU, so weights and optimizer state follow
-    the gradients' layout."""
+    order, dense. Under vmap, autograd returns the stacked weights' gradients transposed ((K,
+    out, in) with the `in` dimension outermost); elementwise updates between tensors of
+    different layouts stride through memory and ran 10x slower on a CPU, so there the weights
+    and optimizer state follow the gradients' layout (once; again after a compaction)."""
     if t.stride()[1:] == like.stride()[1:]:
         return t
     order = sorted(range(like.dim()), key=lambda d: (d != 0, -like.stride(d)))  # member dim first, then outermost
@@ -297,11 +318,12 @@ def _mlp_plan(model: nn.Module) -> list[tuple[str, str | None, str | None]] | No
     """[("flatten"|"linear"|"relu", weight name, bias name)] when `model` is an nn.Sequential of a
     leading Flatten and Linear and ReLU layers (the tutorial's MLP, any widths): the layers the
     batched-matmul forward knows. None for anything else (vmap then)."""
-    if not isinstance(model, nn.Sequential):
+    children = list(model.children()) if isinstance(model, nn.Sequential) else []
+    if not children or type(children[0]) is not nn.Flatten:
         return None
     plan: list[tuple[str, str | None, str | None]] = []
     for index, (name, layer) in enumerate(model.named_children()):
-        if isinstance(layer, nn.Flatten) and index == 0 and (layer.start_dim, layer.end_dim) == (1, -1):
+        if type(layer) is nn.Flatten and index == 0 and (layer.start_dim, layer.end_dim) == (1, -1):
             plan.append(("flatten", None, None))
         elif type(layer) is nn.Linear:
             plan.append(("linear", f"{name}.weight", f"{name}.bias" if layer.bias is not None else None))
