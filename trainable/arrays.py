@@ -65,12 +65,12 @@ its separate run gives. No Ray here, and no import of `tuning/`.
 
 Speed (`python -m trainable.arrays_bench --k 4 16 --epochs 2 --threads 1 --repeats 3`, on the
 2-core Intel Xeon, KVM, model 207, AVX512-BF16 and AMX, shared with other work; synthetic data,
-batch 128): arrays are SLOWER here than the same trials one after another, array / separate
-0.58x (K=4) and 0.49x (K=16) in bf16, the default here, against the Trainer's fused bf16 step;
-0.83x and 0.82x in fp32. The stacked GEMMs run as fast as single ones on this CPU and the rest
-of a step (the optimizer's passes over memory) grows with K. Arrays stay off by default on
-CPUs; they are meant for GPUs, where one small model leaves most of the chip idle (not measured:
-no GPU in this session).
+batch 128): arrays are SLOWER here than the same trials one after another: array / separate
+0.36-0.58x at K=4 and 0.44-0.64x at K=16 in bf16 (this CPU's default, against the Trainer's
+fused bf16 step), 0.79-0.83x and 0.74-0.82x in fp32 (runs on a shared box; the table is in
+`trainable.arrays_bench`). The stacked GEMMs run as fast as single ones on this CPU and the
+rest of a step grows with K. Arrays stay off by default on CPUs; they are meant for GPUs, where
+one small model leaves most of the chip idle (not measured: no GPU in this session).
 """
 from __future__ import annotations
 

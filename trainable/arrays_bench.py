@@ -19,11 +19,22 @@ and an array can exceed it: that is what arrays are for.
     python -m trainable.arrays_bench                        # synthetic data, K = 4, 16, 64
     python -m trainable.arrays_bench --data data/cifar10-jpeg --k 4 16 --device cuda
 
-Measured on this project's 2-core Intel Xeon (KVM, model 207: AVX512-BF16 and AMX), torch
-2.14.1, 1 thread, batch 128, synthetic data (2048 train + 512 test images), bf16 (auto),
-members at seed 42, `python -m trainable.arrays_bench --k 4 16 --epochs 2 --threads 1
---repeats 3`: see the module `trainable.arrays` for the figures. Arrays are not faster than
-separate trials on this CPU; they stay off by default on CPUs.
+Measured on this project's 2-core Intel Xeon (`lscpu`: "Intel(R) Xeon(R) Processor", model
+207, KVM, AVX512-BF16 and AMX), torch 2.14.1, shared with other work (load ~2.5), with
+`python -m trainable.arrays_bench --k 4 16 --epochs 2 --threads 1 --repeats 3` (synthetic data,
+2,048 train + 512 test images, batch 128), trial-epochs per second:
+
+| precision | K | separate | array | array / separate | share of the GEMM floor (separate / array) |
+|---|---|---|---|---|---|
+| bf16 (auto) | 4 | 8.9-11.3 | 4.0-5.1 | 0.36-0.58x (3 runs) | 30-65% / 14-38% |
+| bf16 (auto) | 16 | 8.0-10.0 | 4.4-5.1 | 0.44-0.64x (3 runs) | 26-70% / 15-34% |
+| fp32 | 4 | 4.2-4.7 | 3.5-3.8 | 0.79-0.83x (2 runs) | 69% / 54-57% |
+| fp32 | 16 | 4.6-5.1 | 3.8 | 0.74-0.82x (2 runs) | 73-74% / 55-61% |
+
+(`--distinct-seeds`, bf16: 0.45x and 0.53x.) Arrays are slower than separate trials on this
+CPU: the stacked GEMMs run no faster than single ones, and the optimizer's passes over the
+stacked weights (~7 where the Trainer's fused step makes one) grow with K. They stay off by
+default on CPUs; they are meant for GPUs (not measured here: no GPU in this session).
 """
 
 from __future__ import annotations
@@ -97,11 +108,12 @@ def time_array(configs: Sequence[TrainConfig], data: Dataset, device: torch.devi
 
 
 def floor_seconds(data: Dataset, batch_size: int, dtype: torch.dtype, device: torch.device,
-                  repeats: int = 3) -> float:
-    """One model's epoch of GEMMs alone (trainable.bench's floor), the median of `repeats` after a warm-up."""
+                  repeats: int = 5) -> float:
+    """One model's epoch of GEMMs alone (trainable.bench's floor): the fastest of `repeats` after
+    a warm-up, as a floor is what the machine can do (on a shared box the median wanders 2x)."""
     run = time_floor(data, batch_size, dtype, device=device)
     run()
-    return statistics.median(run() for _ in range(repeats))
+    return min(run() for _ in range(repeats))
 
 
 def build_parser() -> argparse.ArgumentParser:
