@@ -17,7 +17,7 @@ from trainable.arrays import ArrayTrainer
 from trainable.config import TrainConfig
 from trainable.data import make_synthetic
 from trainable.fit import METRICS, Trainer
-from trainable.model import build_model
+from trainable.models import mlp
 
 DATA = make_synthetic(n_train=512, n_test=256)
 RTOL = 1e-4  # a CPU matches closer (SGD: the same weights bit for bit); a GPU's batched GEMMs may round otherwise
@@ -38,7 +38,7 @@ def config(**values: Any) -> TrainConfig:
 
 
 def array(configs: list[TrainConfig], data=DATA, **kwargs: Any) -> ArrayTrainer:
-    tensors = [torch.from_numpy(a) for a in (data.train_images, data.train_labels, data.test_images, data.test_labels)]
+    tensors = [torch.from_numpy(a) for a in (data.train_inputs, data.train_labels, data.test_inputs, data.test_labels)]
     return ArrayTrainer(configs, *tensors, input_shape=data.input_shape, num_classes=data.num_classes, device="cpu",
                         **kwargs)
 
@@ -201,7 +201,7 @@ def test_a_model_the_batched_matmuls_do_not_know_trains_under_vmap():
     # the tutorial's MLP wrapped in a Sequential: the same weights from the same seed, but not the
     # plain Flatten/Linear/ReLU stack the batched matmuls handle, so the forward pass runs under vmap
     def build(c: TrainConfig) -> torch.nn.Module:
-        return torch.nn.Sequential(build_model(DATA.input_shape, DATA.num_classes, c.hidden))
+        return torch.nn.Sequential(mlp(DATA.input_shape, DATA.num_classes, **c.model_args))
 
     configs = [config(optimizer="nesterov", lr=0.02, momentum=0.9, schedule="cosine", epochs=2),
                config(optimizer="adam", lr=3e-4, weight_decay=1e-3, epochs=2, seed=7)]
@@ -235,12 +235,12 @@ def test_bad_input_names_the_field():
         array([config(), config(batch_size=128)])
     with pytest.raises(ValueError, match=r"precision: .*configs\[1\] \('bf16'\)"):
         array([config(), config(precision="bf16")])
-    with pytest.raises(ValueError, match=r"hidden: configs\[1\]"):
-        array([config(), config(hidden=[64])])
+    with pytest.raises(ValueError, match=r"model_args: configs\[1\]"):
+        array([config(), config(model_args={"hidden": [64]})])
     with pytest.raises(ValueError, match="configs: an array needs at least one"):
         array([])
     small = make_synthetic(n_train=16, n_test=8, shape=(1, 8, 8))
-    tensors = [torch.from_numpy(a) for a in (small.train_images, small.train_labels, small.test_images,
+    tensors = [torch.from_numpy(a) for a in (small.train_inputs, small.train_labels, small.test_inputs,
                                              small.test_labels)]
     with pytest.raises(ValueError, match=r"train_x: images of shape \(1, 8, 8\), input_shape is \(3, 32, 32\)"):
         ArrayTrainer([config()], *tensors, input_shape=(3, 32, 32), num_classes=10, device="cpu")
@@ -254,7 +254,7 @@ def test_bad_input_names_the_field():
 
 def test_float_inputs_are_used_as_they_are():
     float_data = [torch.from_numpy(a).float() / 255 if a.dtype.name == "uint8" else torch.from_numpy(a)
-                  for a in (DATA.train_images, DATA.train_labels, DATA.test_images, DATA.test_labels)]
+                  for a in (DATA.train_inputs, DATA.train_labels, DATA.test_inputs, DATA.test_labels)]
     c = config(optimizer="sgd", lr=0.05, momentum=0.9, epochs=1)
     trainer = ArrayTrainer([c], *float_data, input_shape=DATA.input_shape, num_classes=DATA.num_classes, device="cpu")
     trainer.run_epoch()

@@ -86,17 +86,10 @@ from torch import nn
 
 from trainable import challenge
 from trainable.config import TrainConfig
-from trainable.fit import (
-    autocast_dtype,
-    epoch_lr,
-    epoch_seed,
-    flush_denormals,
-    keep_freed_memory,
-    make_optimizer,
-    select_device,
-)
+from trainable.fit import epoch_lr, epoch_seed, make_optimizer
+from trainable.hardware import autocast_dtype, flush_denormals, keep_freed_memory, select_device
 from trainable.loops import DIVERGENCE_CHECK_STEPS, autocast, to_unit
-from trainable.model import build_model
+from trainable.models import build_model, factory_of
 
 SGD_FAMILY = ("sgd", "nesterov")
 ADAM_FAMILY = ("adam", "adamw")
@@ -390,7 +383,8 @@ class ArrayTrainer:
         if self.device.type == "cpu":
             keep_freed_memory()
 
-        build = build or (lambda config: build_model(self.input_shape, self.num_classes, config.hidden))
+        build = build or (lambda config: build_model(factory_of(config.model), config.model_args, self.input_shape,
+                                                     self.num_classes))
         # the stack: the SGD family first, then the Adam family, each in the configs' order
         self._order = sorted(range(len(self.configs)), key=lambda i: _family(self.configs[i]) == "adam")
         models = []
@@ -832,6 +826,6 @@ class ArrayTrainer:
         for model, i in zip(models[1:], self._order[1:]):
             shapes = {name: p.shape for name, p in model.named_parameters()}
             if shapes != reference:
-                raise ValueError(f"hidden: configs[{i}] builds a model shaped unlike configs[{self._order[0]}]'s "
-                                 f"(hidden {self.configs[i].hidden} vs {self.configs[self._order[0]].hidden}); "
+                raise ValueError(f"model_args: configs[{i}] builds a model shaped unlike configs[{self._order[0]}]'s "
+                                 f"({self.configs[i].model_args} vs {self.configs[self._order[0]].model_args}); "
                                  f"the members of an array share one architecture")

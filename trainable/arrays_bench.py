@@ -51,7 +51,8 @@ from trainable.bench import device_name, epoch_flops, synchronize, time_floor
 from trainable.cli import OneLineParser, add_data_args, fail, non_negative_int, positive_int
 from trainable.config import PRECISIONS, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
-from trainable.fit import Trainer, autocast_dtype, fast_bf16, flush_denormals, select_device
+from trainable.fit import Trainer
+from trainable.hardware import autocast_dtype, fast_bf16, flush_denormals, select_device
 
 PROG = "python -m trainable.arrays_bench"
 
@@ -94,7 +95,7 @@ def time_array(configs: Sequence[TrainConfig], data: Dataset, device: torch.devi
     """Seconds of the timed epochs of the configs trained as one array."""
     from trainable.arrays import ArrayTrainer
 
-    tensors = [torch.from_numpy(a) for a in (data.train_images, data.train_labels, data.test_images,
+    tensors = [torch.from_numpy(a) for a in (data.train_inputs, data.train_labels, data.test_inputs,
                                              data.test_labels)]
     trainer = ArrayTrainer(configs, *tensors, input_shape=data.input_shape, num_classes=data.num_classes,
                            device=device)
