@@ -87,7 +87,7 @@ from torch import nn
 from trainable import challenge
 from trainable.config import TrainConfig
 from trainable.fit import epoch_lr, epoch_seed, make_optimizer
-from trainable.hardware import autocast_dtype, flush_denormals, keep_freed_memory, select_device
+from trainable.hardware import autocast_dtype, flush_denormals, keep_freed_memory, precision_label, select_device
 from trainable.loops import DIVERGENCE_CHECK_STEPS, autocast, to_unit
 from trainable.models import build_model, factory_of
 
@@ -433,7 +433,7 @@ class ArrayTrainer:
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.amp_dtype is torch.bfloat16 else "fp32"
+        return precision_label(self.amp_dtype)
 
     def history(self, member: int) -> list[dict[str, Any]]:
         """The member's metrics so far, one dict per epoch (kept after it leaves)."""

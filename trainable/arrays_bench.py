@@ -52,7 +52,7 @@ from trainable.cli import OneLineParser, add_data_args, fail, non_negative_int, 
 from trainable.config import PRECISIONS, TrainConfig
 from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer
-from trainable.hardware import autocast_dtype, fast_bf16, flush_denormals, select_device
+from trainable.hardware import autocast_dtype, fast_bf16, flush_denormals, precision_label, select_device
 
 PROG = "python -m trainable.arrays_bench"
 
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         return fail(PROG, str(exc))
     dtype = autocast_dtype(args.precision, device) or torch.float32
-    precision = "bf16" if dtype is torch.bfloat16 else "fp32"
+    precision = precision_label(dtype)
     bf16 = "native bf16" if fast_bf16(device) else "no native bf16"
     print(f"{data!r}; {device_name(device)} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     seeds = "seeds 42, 43, ... (one data order each)" if args.distinct_seeds else "seed 42 (one data order)"

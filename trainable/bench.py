@@ -53,10 +53,10 @@ from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer, fit
 from trainable.hardware import (
     KEEP_FREED_MEMORY_ENV,
-    autocast_dtype,
     fast_bf16,
     flush_denormals,
     fused_note,
+    precision_of,
     select_device,
 )
 from trainable.models import ModelError, build_model, factory_of
@@ -282,7 +282,7 @@ def speed(data: Dataset, batch_size: int, repeats: int, device: torch.device = C
           model_args: dict[str, Any] | None = None) -> dict[str, float]:
     """Median seconds of one whole epoch per contender: the usual pipeline (the tutorial's, for its
     MLP), ours in fp32 and in the default precision, and, for the tutorial's MLP, the floor."""
-    default = "bf16" if autocast_dtype("auto", device) is torch.bfloat16 else "fp32"
+    default = precision_of("auto", device)
     own = {"model_ref": model_ref, "model_args": model_args}
     ours = time_ours(data, batch_size, "auto", device, **own)
     with_fused = default == "bf16" and ours.fused  # type: ignore[attr-defined]

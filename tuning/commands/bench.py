@@ -59,9 +59,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         if status != 0:
             print(f"{prog}: the search failed (exit {status})", file=sys.stderr)
             return status
-        journal = Journal(Path(folder) / "bench").read()
-        records = trials(journal)
-        trained = max(r["time"] for r in journal if r["event"] == "end") - start
+        journal = Journal(Path(folder) / "bench")
+        records = trials(journal.read())
+        trained = max(journal.times("end")) - start
     threads = max(1, math.floor(args.cpus_per_trial))
     busy = sum(m["epoch_seconds"] for t in records for m in t.epochs) * threads
     epochs = sum(len(t.epochs) for t in records)

@@ -114,9 +114,8 @@ def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) 
 def progress(experiment: Experiment) -> pd.DataFrame:
     """Every epoch of the search in the order it was reported: cumulative trial-epochs, seconds
     since the first trial started, and the best test accuracy so far."""
-    records = experiment.journal.read()
-    starts = [r["time"] for r in records if r.get("event") == "trial"]
-    epochs = [r for r in records if r.get("event") == "epoch"]
+    starts = experiment.journal.times("trial")
+    epochs = experiment.journal.epochs()
     rows, best = [], 0.0
     for i, r in enumerate(sorted(epochs, key=lambda r: r["time"]), start=1):
         best = max(best, r.get("test_accuracy") or 0.0)

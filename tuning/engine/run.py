@@ -64,7 +64,7 @@ def run_trials(
     """Run `num_samples` trials (the `fixed` ones first, then Optuna's) on Ray Tune, journalling
     everything into the experiment; returns 'finished' or 'budget'."""
     meta, settings = experiment.meta, experiment.settings
-    attempt = 1 + sum(1 for r in experiment.journal.read() if r.get("event") == "attempt")
+    attempt = 1 + experiment.journal.attempts()
     # a resumed search must not replay the first attempt's random start-up samples
     sampler = make_sampler(settings.sampler, settings.seed if attempt == 1 else settings.seed * 1000 + attempt)
     study = open_study(experiment.folder, experiment.name, "maximize" if settings.mode == "max" else "minimize",

@@ -63,6 +63,21 @@ class Journal:
                 records.append(record)
         return records
 
+    # --- what other readers need, so that no one else parses the records ---------------------
+
+    def times(self, event: str) -> list[float]:
+        """When each record of `event` ("trial" starts, "end"s, "attempt"s, "epoch"s) was written."""
+        return [r["time"] for r in self.read() if r.get("event") == event]
+
+    def epochs(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """Every epoch's metrics as reported, in the order written (with its trial id and time),
+        from `since` on (a resumed search's own epochs)."""
+        return [r for r in self.read() if r.get("event") == "epoch" and r["time"] >= since]
+
+    def attempts(self) -> int:
+        """How many runs of the command have worked on this experiment."""
+        return len(self.times("attempt"))
+
     # A checkpoint in the experiment's folder (Ray's default storage, results/<name>/ray) is
     # written relative to it, so a copied folder holds no absolute path; it is made absolute again
     # on reading, because a trial resuming from it runs in a folder of Ray's choosing.

@@ -126,7 +126,7 @@ def print_summary(experiment: Experiment, *, wall: float, res: dict[str, float],
 def busy_share(experiment: Experiment, wall: float, res: dict[str, float], since: float) -> float:
     """Train/evaluate time of this run's epochs as a share of the CPUs x wall time (only the
     epochs of this run of the command: a resumed search's wall time covers no others)."""
-    this_run = [r for r in experiment.journal.read() if r.get("event") == "epoch" and r["time"] >= since]
+    this_run = experiment.journal.epochs(since)
     busy = sum(r.get("epoch_seconds") or 0.0 for r in this_run) * max(1, math.floor(res.get("cpu", 1)))
     return busy / (wall * max(res.get("cluster_cpus", 1), 1)) if wall > 0 else 0.0
 
