@@ -221,3 +221,25 @@ def test_dashboard_shows_early_stopped_trials_as_pruned(searched):
     expected = {n: (status, "Pruned" if status in ("early-stopped", "stalled") else "Complete")
                 for n, (status, _) in states.items()}
     assert states == expected
+
+
+def test_dashboard_and_trials_csv_share_trial_numbers_and_final_results(searched):
+    """optuna-dashboard beside trials.csv: each study trial carries the experiment's trial number,
+    the values the sampler did not choose, and its final metrics, as user attributes."""
+    dashboard, _ = dashboard_trials(searched["exp"])
+    rows = searched["trials"].set_index("number")
+    for t in dashboard:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        number = int(attrs["number"])
+        row = rows.loc[number]
+        assert float(attrs["final_test_accuracy"]) == pytest.approx(row["test_accuracy"])
+        assert int(attrs["final_epoch"]) == row["epochs_run"]
+        shown = find(dashboard, row.rename({"number": "n"}))  # the same trial, found by its hyperparameters
+        assert shown is not None and shown["trial_id"] == t["trial_id"]
+        if not row["baseline"]:
+            assert json.loads(attrs["fixed"]) == {"epochs": 4, "momentum": 0.0, "weight_decay": 0.0,
+                                                  "schedule": "constant", "seed": 42, "model": "mlp"}
+            if row["status"] == "early-stopped":
+                assert attrs["stopped"] == "early-stopped"
+    assert sorted(int({a["key"]: a["value"] for a in t["user_attrs"]}["number"]) for t in dashboard) == \
+        sorted(rows.index)
