@@ -16,6 +16,7 @@ Without one, or with HPTUNE_FUSED_BF16=0, training uses autocast and torch's fus
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -79,7 +80,10 @@ def _build() -> ModuleType:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability, [])
     version = re.sub(r"\W", "_", torch.__version__)
-    name = f"hptune_bf16_update_{capability.lower()}_torch{version}"
+    # one build per checkout: two checkouts (or venvs) sharing torch's cache would otherwise
+    # rebuild it in turn, each load finding the other's source path in the build files
+    where = hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]
+    name = f"hptune_bf16_update_{capability.lower()}_torch{version}_{where}"
     # torch logs "No CUDA runtime is found" (we build for the CPU only) and compiler advice; a
     # failure comes back as the exception instead
     logger = logging.getLogger("torch.utils.cpp_extension")

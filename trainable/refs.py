@@ -96,6 +96,25 @@ def load_file(file: str) -> ModuleType:
                               f"{os.getcwd()})") from None
 
 
+def preload(file: str, path: str) -> None:
+    """Import the file a reference names as `file` from its absolute `path` (on a local Ray, where
+    a trial runs in a folder of Ray's choosing and `file`, relative to the driver's, is not there)."""
+    name = module_name(file)
+    if name in sys.modules or not Path(path).is_file():
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    module.__hptune_file__ = file  # type: ignore[attr-defined]
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
 def load_module(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)

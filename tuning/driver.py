@@ -272,7 +272,7 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
             print(f"{data!r}, loaded in {time.time() - started:.1f} s. Experiment: {plan.folder}", flush=True)
         for note in plan.notes:
             print(f"{prog}: note: {note}", file=sys.stderr, flush=True)
-        code = prepare(plan.inputs.base, model=plan.inputs.model, loop=plan.inputs.loop)
+        code = prepare(plan.inputs.base, model=plan.inputs.model, loop=plan.inputs.loop, ship=plan.address is not None)
         cluster.quiet_ray(settings.verbose)
         started_ray = cluster.start_ray(settings, plan.address, code)
         warning = cluster.storage_warning(settings)

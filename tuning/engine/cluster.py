@@ -148,8 +148,6 @@ def start_ray(settings: SearchSettings, address: str | None = None, code: UserCo
               f"{cluster.get('GPU', 0):g} GPUs; {shipped} are shipped to them", flush=True)
     else:
         # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
-        if code and code.py_modules:
-            kwargs["runtime_env"] = {"py_modules": code.py_modules, "excludes": ["__pycache__"]}
         with daemons_ignoring_ctrl_c():
             ray.init(address="local", num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, **kwargs)
     return True

@@ -65,6 +65,7 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
     Keys of `params` starting with "__" are the searcher's tags, not hyperparameters; the tag
     "__continues__" names an interrupted trial whose checkpoint (in `setup.checkpoints`) to resume.
     """
+    setup.code.install()  # the user's files, where nothing was shipped (a local Ray)
     device = trial_device(ray.get_gpu_ids())
     flush_denormals(device)  # in this worker process, before torch starts its threads
     torch.set_num_threads(setup.threads)

@@ -12,6 +12,9 @@ factory's classes for a streamed data set) itself, so the code must be importabl
 - a function passed to the Python API with no importable name (a lambda, a nested function, a
   notebook's): handed to the trials as an object, on a local Ray only (a cluster's trials must be
   able to re-import what they run, after a restart on another node too).
+
+On a local Ray nothing is shipped (Ray's runtime environments would set up each worker first):
+the trials import the same files from their absolute paths (`UserCode.install`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ class UserCode:
     py_modules: list[str] = field(default_factory=list)  # files and folders every node gets
     names: list[str] = field(default_factory=list)  # what they are, as the user named them (for messages)
     staging: Path | None = None  # where shipped single files were copied under their module names
+    # On a local Ray nothing is shipped: the trials import the same files from where they are.
+    files: dict[str, str] = field(default_factory=dict)  # a reference's file, as written -> its absolute path
+    paths: list[str] = field(default_factory=list)  # folders holding the user's packages, for sys.path
+
+    def install(self) -> None:
+        """In a trial's process on a local Ray: make the user's files and packages importable."""
+        import sys
+
+        from trainable.refs import preload
+
+        for folder in self.paths:
+            if folder not in sys.path:
+                sys.path.append(folder)
+        for file, path in self.files.items():
+            preload(file, path)
 
     def cleanup(self) -> None:
         if self.staging is not None:
@@ -53,9 +71,10 @@ def installed(path: Path) -> bool:
 
 
 def prepare(config: TrainConfig, *, model: Callable[..., Any] | None = None,
-            loop: Callable[..., Any] | None = None) -> UserCode:
-    """What the trials of `config` need shipped: the files and packages its references name
-    (imported already by the driver's checks)."""
+            loop: Callable[..., Any] | None = None, ship: bool = True) -> UserCode:
+    """What the trials of `config` need: the files and packages its references name (imported
+    already by the driver's checks), shipped to every node (`ship`, a cluster) or, on a local Ray,
+    imported by the trials from where they are."""
     code = UserCode(model=model, loop=loop)
     references = [r for r in (config.model, config.loop, config.data) if r and split(r) is not None]
     for reference in dict.fromkeys(references):
@@ -64,6 +83,9 @@ def prepare(config: TrainConfig, *, model: Callable[..., Any] | None = None,
             source = Path(target).expanduser()
             if not source.is_file():
                 continue  # not ours to ship (a name the checks reported already)
+            if not ship:
+                code.files[target] = str(source.resolve())
+                continue
             if code.staging is None:
                 code.staging = Path(tempfile.mkdtemp(prefix="hptune-code-"))
             copy = code.staging / f"{module_name(target)}.py"
@@ -78,6 +100,9 @@ def prepare(config: TrainConfig, *, model: Callable[..., Any] | None = None,
         paths = list(getattr(module, "__path__", None) or [])
         location = Path(paths[0]) if paths else Path(getattr(module, "__file__", "") or "")
         if not str(location) or installed(location.resolve()):
+            continue
+        if not ship:
+            code.paths.append(str(location.resolve().parent))
             continue
         code.py_modules.append(str(location))
         code.names.append(top)
