@@ -107,6 +107,16 @@ def datasets():
     return Rows(x, y), Rows(tx, ty)
 
 
+def space(trial):
+    """A define-by-run space as Optuna's own objectives are written."""
+    optimizer = trial.suggest_categorical("optimizer", ["adamw", "nesterov"])
+    values = {"optimizer": optimizer, "lr": trial.suggest_float("lr", 1e-3, 0.1, log=True), "epochs": 2,
+              "batch_size": 128, "model.width": trial.suggest_categorical("model.width", [8, 16])}
+    if optimizer == "nesterov":
+        values["momentum"] = trial.suggest_float("momentum", 0.8, 0.95)
+    return values
+
+
 def own_loop(config, data, report):
     """A user's own training loop: full-batch SGD on the tensors, no DataLoader."""
     torch.manual_seed(config["seed"])
@@ -372,3 +382,43 @@ def test_the_mlps_widths_are_model_hyperparameters_a_space_can_search(cli, tmp_p
     assert table["model.width"].isin([16, 32, 64, 128]).all() and table["model.depth"].isin([1, 3]).all()
     best = TrainConfig.load(tmp_path / "results" / "w" / "best_config.yaml")
     assert best.model == "mlp" and set(best.model_args) == {"width", "depth"}
+
+
+@pytest.mark.slow
+def test_a_define_by_run_space_function_and_the_python_apis_smoke_test(cli, user):
+    status, out, err = cli(search, ["--model", "user.py:net", "--data", "user.py:splits", "--space", "user.py:space",
+                                    "--results-dir", "results", "--name", "fn", "--num-cpus", "2", "--samples", "4",
+                                    "--no-early-stop"])
+    assert status == 0, err
+    table = pd.read_csv(user / "results" / "fn" / "trials.csv")
+    sampled = table[~table["baseline"]]
+    assert len(table) == 4 and (sampled["epochs"] == 2).all() and sampled["model.width"].isin([8, 16]).all()
+    assert (sampled[sampled["optimizer"] == "adamw"]["momentum"] == 0).all()  # momentum only where nesterov asks
+    study = optuna.load_study(study_name="fn", storage=f"sqlite:///{user / 'results' / 'fn' / 'optuna.db'}")
+    assert {"optimizer", "lr", "model.width"} <= {k for t in study.trials for k in t.params}
+    # the Python API's smoke test: synthetic data, 3 trials of 2 epochs, as --smoke-test
+    import hptune
+
+    experiment = hptune.search(model="user.py:net", smoke_test=True, results_dir="results", name="smoke",
+                               num_cpus=2, data_memory="1G")
+    assert len(experiment.trials) == 3 and {t.config["epochs"] for t in experiment.trials} == {2}
+    assert experiment.base_config.data == "synthetic"
+
+
+def test_data_passed_as_objects_cannot_be_loaded_again_and_says_so(tmp_path, capsys):
+    from trainable.__main__ import main as train
+
+    config = tmp_path / "best.yaml"
+    TrainConfig(data="<unnamed>").save(config)
+    assert train(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "handed to hptune.search as objects" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_own_loop_without_a_model_factory_takes_any_model_hyperparameters(cli, user):
+    # the loop builds its own model from config["model_args"]: nothing to check them against
+    (user / "l1.yaml").write_text("model.l1: [4, 8]\nepochs: 1\n")
+    status, _, err = cli(search, ["--loop", "user.py:own_loop", "--data", "user.py:splits", "--space", "l1.yaml",
+                                  "--results-dir", "results", "--name", "l1", "--samples", "1", "--no-baseline",
+                                  "--address", "127.0.0.1:1"])
+    assert status == 2 and "no Ray cluster answers" in err  # past the model checks, stopped at the address

@@ -3,7 +3,7 @@
     python -m trainable --tutorial --data data/cifar10-jpeg        # the tutorial's run
     python -m trainable --config results/<name>/best_config.yaml   # re-train a search's winner
     python -m trainable --lr 0.01 --batch-size 128 --epochs 15 --json
-    python -m trainable --model examples/cnn.py:Net --model-arg l1=64 --data examples/cnn.py:cifar10
+    python -m trainable --model examples/ray_tutorial_cnn.py:net --model-arg l1=64 --data data/cifar10-jpeg
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HYPERPARAMETER_FLAGS = ("lr", "batch_size", "epochs", "optimizer", "momentum", "
 EXAMPLES = """examples:
   python -m trainable --tutorial --data data/cifar10-jpeg          the tutorial's run
   python -m trainable --config results/NAME/best_config.yaml       re-train a search's winner
-  python -m trainable --model examples/cnn.py:net --model-arg l1=64 --data examples/cnn.py:cifar10"""
+  python -m trainable --model examples/ray_tutorial_cnn.py:net --model-arg l1=64 --data data/cifar10-jpeg"""
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

@@ -134,6 +134,10 @@ def load_dataset(source: str, data_root: str | os.PathLike[str] = "data",
         return load_torchvision(source, data_root)
     if source == "synthetic":
         return make_synthetic()
+    if source.startswith("<"):
+        raise DataError(f"data {source}: the data was handed to hptune.search as objects, so this configuration "
+                        "cannot load it again; give --data a name, an image folder or a data factory MODULE:NAME or "
+                        "FILE.py:NAME")
     if is_reference(source):
         try:
             factory = resolve(source, "data")

@@ -1,6 +1,6 @@
 """Train one configuration: fit(config, data) yields one metrics dict per epoch. No Ray here.
 
-Metric names (one name each, used unchanged in the CSV files, plots and README):
+Metric names (one name each, used unchanged in the CSV files, plots and docs):
 epoch, train_loss, train_accuracy, test_loss, test_accuracy, test_loss_se, epoch_seconds,
 samples_per_second, diverged, train_below_test, still_decreasing, above_chance, challenge_met,
 crossing_epoch.

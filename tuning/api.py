@@ -12,9 +12,10 @@ The same search as the command line (tuning/driver.py), for notebooks and script
                                space={"lr": {"low": 1e-3, "high": 0.1, "log": True}, "model.width": [32, 64, 128]})
     print(experiment.best_config, experiment.trials_dataframe())
 
-Bad input raises ValueError subclasses with the same one-line messages the command prints; a
-search that fails or is interrupted raises SearchError (Ctrl-C: KeyboardInterrupt) after saving
-what finished, and the same call with the same `name` resumes it.
+Bad input raises an exception (UsageError, ConfigError, SpaceError, DataError, UserCodeError, ...)
+whose message is the one line the command prints, before anything is written; a search that
+fails or is interrupted raises SearchError (Ctrl-C: KeyboardInterrupt) after saving what
+finished, and the same call with the same `name` resumes it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from trainable.config import TrainConfig
 from trainable.refs import UNNAMED, is_reference, reference_of
 from tuning import driver
 from tuning.results.experiment import Experiment
-from tuning.settings import SearchSettings
-from tuning.space import space_of
+from tuning.settings import DEFAULT_SAMPLES, SMOKE_SAMPLES, SearchSettings, parse_size
+from tuning.space import smoke, space_of
 
 PROG = "hptune.search"
 
@@ -48,7 +49,7 @@ def search(
     data: Any = None,
     space: Mapping[str, Any] | Callable[..., Any] | str | Path | None = None,
     *,
-    samples: int = 20,
+    samples: int | None = None,
     config: TrainConfig | Mapping[str, Any] | str | Path | None = None,
     loop: Callable[..., Any] | str | None = None,
     **options: Any,
@@ -64,7 +65,7 @@ def search(
              torchvision name, an image folder, a reference); None: CIFAR-10
     space    a dict in the YAML form, a YAML path, or a function of an Optuna trial returning the
              trial's values; None: the default space (made for the tutorial's MLP)
-    samples  trials in all, the baseline included
+    samples  trials in all, the baseline included (default 20; 3 with smoke_test=True)
     config   the base configuration (a TrainConfig, a dict of its fields, or a YAML path)
     loop     your own training loop, (config, data, report) -> None, instead of ours
     options  any field of SearchSettings: name, results_dir, sampler, seed, objective,
@@ -74,6 +75,9 @@ def search(
     settings = _settings(samples, options)
     base = _base(config)
     inputs = driver.Inputs(space=space_of(space), base=base)
+    if settings.smoke_test:  # as --smoke-test: synthetic data unless given, 2 epochs, the space without epochs
+        inputs.space = smoke(inputs.space)
+        inputs.base = inputs.base.with_updates(epochs=2, **({} if data is not None else {"data": "synthetic"}))
     if isinstance(model, str):
         inputs.base = inputs.base.with_updates(model=model)
     elif model is not None:
@@ -105,7 +109,7 @@ def search(
     return Experiment.load(outcome.experiment.folder)
 
 
-def _settings(samples: int, options: dict[str, Any]) -> SearchSettings:
+def _settings(samples: int | None, options: dict[str, Any]) -> SearchSettings:
     known = {f.name for f in dataclasses.fields(SearchSettings)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -114,6 +118,10 @@ def _settings(samples: int, options: dict[str, Any]) -> SearchSettings:
         from tuning.settings import Grace
 
         options["grace"] = Grace.parse(options["grace"])
+    if isinstance(options.get("data_memory"), str):
+        options["data_memory"] = parse_size(options["data_memory"])
+    if samples is None:
+        samples = SMOKE_SAMPLES if options.get("smoke_test") else DEFAULT_SAMPLES
     return SearchSettings(samples=samples, **options)
 
 

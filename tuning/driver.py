@@ -165,7 +165,8 @@ def _check_user_code(inputs: Inputs) -> None:
         loop_of(base.loop)
     names = [n[len(MODEL_PREFIX):] for n in space.names if n.startswith(MODEL_PREFIX)]
     names += list(base.model_args)
-    if factory is not None and names:
+    own_loop = (base.loop is not None or inputs.loop is not None) and base.model == DEFAULT_MODEL and not inputs.model
+    if factory is not None and names and not own_loop:  # an own loop without --model builds its own model
         check_model_args(factory, list(dict.fromkeys(names)),
                          where="the space" if any(n in space.model_args for n in names) else "the configuration")
 

@@ -67,7 +67,7 @@ class SearchSettings:
     early_stop: bool = True  # ASHA and the stall rule
     grace: Grace = Grace("progress", 0.25)  # ASHA's first rung
     reduction_factor: float = 3.0  # ASHA keeps the best 1/F at each rung
-    time_budget: float | None = None  # seconds after which no new trial starts
+    time_budget: float | None = None  # seconds after which the search stops (running trials: interrupted)
     smoke_test: bool = False  # synthetic data, 3 samples, 2 epochs
     # resources
     cpus_per_trial: float = 1.0  # torch threads follow (whole CPUs)

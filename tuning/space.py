@@ -51,7 +51,7 @@ INT_FIELDS = ("batch_size", "epochs")
 SGD_FAMILY = ["nesterov", "sgd"]  # Nesterov first: the choice of the center trial (below)
 
 # The default space, from the 129 distinct trials of earlier searches on CIFAR-10 in
-# results/space-evidence/trials.csv (README, "Why these ranges"): every trial at 55% or more used
+# results/space-evidence/trials.csv (docs/search-space.md): every trial at 55% or more used
 # cosine annealing and SGD/Nesterov with lr 0.015-0.08 at batch 64-128 and 14-20 epochs. No
 # constant-lr trial passed 54.2%, no SGD-family trial under lr 5e-3 passed 50.5%, no cosine
 # SGD-family trial of 11 epochs or fewer passed 50.4% or at batch 256 or 512 passed 53.3%,
@@ -59,7 +59,7 @@ SGD_FAMILY = ["nesterov", "sgd"]  # Nesterov first: the choice of the center tri
 # ahead of the SGD trials that end higher. So the schedule is fixed to cosine and the space keeps
 # the SGD family. Batch 64 is left out for time: a trial-epoch at 64 costs 1.4x one at 128 on a
 # 2-core CPU, and three 20-trial searches over 128-256 ended at 56.1/55.7/55.9% in 6-7 minutes,
-# against 56.0/56.6/56.4% in 8-10 minutes over 64-128 (README, "Why these ranges").
+# against 56.0/56.6/56.4% in 8-10 minutes over 64-128 (docs/search-space.md).
 # A fresh search's first sampled trial is the space's center (Space.center: each range's
 # midpoint, a list's first choice); Nesterov is listed first because 4 of the 5 evidence trials
 # at 55% or more used it.

@@ -4,7 +4,7 @@ the driver's memory stay flat?
 Runs tuning/search.py as its own process (synthetic data, 1-epoch trials), samples the driver's
 resident memory (VmRSS) while it runs, and checks trials.csv at the end.
 
-    python -m tuning.loadtest --samples 200
+    hptune loadtest --samples 200
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ each is a module with `main(argv, prog) -> int`, imported only when it runs."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,7 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return USAGE_ERROR
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main(argv[1:], prog=f"hptune {name}")
+    try:
+        return module.main(argv[1:], prog=f"hptune {name}")
+    except BrokenPipeError:  # `hptune show ... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

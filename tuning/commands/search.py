@@ -97,7 +97,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "or after annealing alike), or N epochs (rungs by epoch, as in Ray Tune's examples)")
     s.add_argument("--reduction-factor", type=float, default=3.0, metavar="F",
                    help="ASHA: keep the best 1/F at each rung (default 3)")
-    s.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop starting new trials after this much time")
+    s.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop the search after this long: running trials stop too and are kept as interrupted; "
+                        "the same command continues them")
     s.add_argument("--smoke-test", action="store_true",
                    help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
     m = p.add_argument_group("your own model and data")
