@@ -70,7 +70,7 @@ batch 128): arrays are SLOWER here than the same trials one after another: array
 fused bf16 step), 0.79-0.83x and 0.74-0.82x in fp32 (runs on a shared box; the table is in
 `trainable.arrays_bench`). The stacked GEMMs run as fast as single ones on this CPU and the
 rest of a step grows with K. Arrays stay off by default on CPUs; they are meant for GPUs, where
-one small model leaves most of the chip idle (not measured: no GPU in this session).
+one small model leaves most of the chip idle (not measured on a GPU as of 2026-12-01).
 """
 from __future__ import annotations
 

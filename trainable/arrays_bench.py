@@ -34,7 +34,7 @@ Measured on this project's 2-core Intel Xeon (`lscpu`: "Intel(R) Xeon(R) Process
 (`--distinct-seeds`, bf16: 0.45x and 0.53x.) Arrays are slower than separate trials on this
 CPU: the stacked GEMMs run no faster than single ones, and the optimizer's passes over the
 stacked weights (~7 where the Trainer's fused step makes one) grow with K. They stay off by
-default on CPUs; they are meant for GPUs (not measured here: no GPU in this session).
+default on CPUs; they are meant for GPUs (not measured here: no GPU was available as of 2026-12-01).
 """
 
 from __future__ import annotations
