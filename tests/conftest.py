@@ -32,3 +32,47 @@ def cli(capsys) -> Callable[..., tuple[int, str, str]]:  # noqa: ANN001
         return status, out, err
 
     return run
+
+
+# --- one local Ray for the searches that do not care which -------------------------------------
+#
+# A search started in this process finds Ray running and uses it (and leaves it running), instead
+# of starting and stopping a private one: a Ray start costs seconds, more on a slow machine, and
+# the default run holds dozens of searches. Tests about Ray itself (its start and stop, a cluster,
+# logical GPUs) ask for `no_shared_ray`, which stops it first; the next test that asks for
+# `shared_ray` starts it again. Its 2 CPUs are what every such test passes as --num-cpus.
+
+SHARED_RAY_CPUS = 2
+
+
+def ensure_shared_ray() -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=SHARED_RAY_CPUS, num_gpus=0, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.ERROR)
+
+
+@pytest.fixture
+def shared_ray() -> None:
+    ensure_shared_ray()
+
+
+@pytest.fixture
+def no_shared_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001 - pytest's hook
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

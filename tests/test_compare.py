@@ -13,7 +13,7 @@ from tuning.commands.compare import main as compare
 from tuning.engine.hooks import HOLD_ENV
 from tuning.search import main as search
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 COMPARE = ["-m", "tuning.commands.main", "compare"]
 
 SPACE = """

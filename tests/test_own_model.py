@@ -287,6 +287,7 @@ def test_a_bad_factory_leaves_an_interrupted_experiment_as_it_was_with_the_trace
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_a_user_model_and_data_search_survives_sigkill_and_its_winner_retrains_without_ray(user, cli, tmp_path):
     samples = 5
     markers = tmp_path / "markers"
@@ -330,7 +331,7 @@ def test_a_user_model_and_data_search_survives_sigkill_and_its_winner_retrains_w
 
 
 @pytest.mark.slow
-def test_the_own_loop_hook_reports_epochs_that_asha_judges(cli, user):
+def test_the_own_loop_hook_reports_epochs_that_asha_judges(cli, user, shared_ray):
     # One trial at a time, in a fixed order: the baseline (lr 1e-3, full-batch: 10 epochs near chance), the
     # space's center (lr 0.3: learns in its first epochs), then the random sampler's: a trial with lr 1e-4 is far
     # below the rung's median after epoch 1 on any machine and is stopped there.
@@ -356,7 +357,7 @@ def test_the_own_loop_hook_reports_epochs_that_asha_judges(cli, user):
 
 
 @pytest.mark.slow
-def test_a_dataset_too_large_for_memory_is_streamed_to_each_trial(cli, user):
+def test_a_dataset_too_large_for_memory_is_streamed_to_each_trial(cli, user, shared_ray):
     status, out, err = cli(search, ["--model", "user.py:net", "--data", "user.py:datasets", "--data-memory", "10K",
                                     "--results-dir", "results", "--name", "big", "--num-cpus", "2", "--samples", "2",
                                     "--no-baseline", "--space", "space.yaml", "--no-early-stop"])
@@ -370,7 +371,7 @@ def test_a_dataset_too_large_for_memory_is_streamed_to_each_trial(cli, user):
 
 
 @pytest.mark.slow
-def test_the_mlps_widths_are_model_hyperparameters_a_space_can_search(cli, tmp_path):
+def test_the_mlps_widths_are_model_hyperparameters_a_space_can_search(cli, tmp_path, shared_ray):
     space = tmp_path / "widths.yaml"
     space.write_text("lr: [0.02]\nbatch_size: [256]\nepochs: 1\noptimizer: [nesterov]\nmomentum: 0.9\n"
                      "model.width: {type: pow2, low: 16, high: 128}\nmodel.depth: [1, 3]\n")
@@ -385,7 +386,7 @@ def test_the_mlps_widths_are_model_hyperparameters_a_space_can_search(cli, tmp_p
 
 
 @pytest.mark.slow
-def test_a_define_by_run_space_function_and_the_python_apis_smoke_test(cli, user):
+def test_a_define_by_run_space_function_and_the_python_apis_smoke_test(cli, user, shared_ray):
     status, out, err = cli(search, ["--model", "user.py:net", "--data", "user.py:splits", "--space", "user.py:space",
                                     "--results-dir", "results", "--name", "fn", "--num-cpus", "2", "--samples", "4",
                                     "--no-early-stop"])

@@ -127,7 +127,7 @@ def test_unwritable_results_directory_is_one_line_exit_2(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_resources_the_cluster_lacks_are_one_line_exit_2(cli, tmp_path):
+def test_resources_the_cluster_lacks_are_one_line_exit_2(cli, tmp_path, shared_ray):
     base = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
             "--num-gpus", "0"]
     status, _, err = cli(search, [*base, "--cpus-per-trial", "8"])
@@ -142,7 +142,7 @@ def test_resources_the_cluster_lacks_are_one_line_exit_2(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_diverging_trials_end_as_diverged_and_the_search_completes(cli, tmp_path):
+def test_diverging_trials_end_as_diverged_and_the_search_completes(cli, tmp_path, shared_ray):
     space = write(tmp_path, "s.yaml",
                   "lr: [20.0, 0.01]\nbatch_size: [128]\nepochs: 3\noptimizer: [sgd]\nmomentum: 0.9\n")
     status, out, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "d",
@@ -161,7 +161,7 @@ def test_diverging_trials_end_as_diverged_and_the_search_completes(cli, tmp_path
 
 
 @pytest.mark.slow
-def test_failing_trial_is_retried_from_its_checkpoint(cli, tmp_path, monkeypatch):
+def test_failing_trial_is_retried_from_its_checkpoint(cli, tmp_path, monkeypatch, shared_ray):
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"2:1:{markers}")  # every trial raises once at epoch 2
@@ -182,7 +182,7 @@ def test_failing_trial_is_retried_from_its_checkpoint(cli, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_trial_failing_for_good_is_errored_and_others_unaffected(cli, tmp_path, monkeypatch):
+def test_trial_failing_for_good_is_errored_and_others_unaffected(cli, tmp_path, monkeypatch, shared_ray):
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"2:99:{markers}:batch_size=256")  # batch 256 trials always fail
@@ -203,7 +203,7 @@ def test_trial_failing_for_good_is_errored_and_others_unaffected(cli, tmp_path, 
 
 
 @pytest.mark.slow
-def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypatch):
+def test_search_where_every_trial_errors_exits_non_zero(cli, tmp_path, monkeypatch, shared_ray):
     markers = tmp_path / "markers"
     markers.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"1:99:{markers}")
@@ -250,7 +250,7 @@ def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, in
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.heavy)],
                          ids=["SIGKILL", "Ctrl-C"])
-def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig):
+def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig, shared_ray):
     argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
             "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
     exp = tmp_path / "results" / "r"

@@ -13,7 +13,7 @@ from tuning.engine.hooks import HOLD_ENV
 from tuning.results.journal import Journal
 from tuning.search import main as search
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_ray")]
 
 # Small trials: 2 epochs on synthetic data.
 FAST_SPACE = """
@@ -142,7 +142,7 @@ def test_asha_judges_each_trial_at_the_same_share_of_its_own_schedule(cli, tmp_p
     assert (stopped["epochs_run"] * 2 == stopped["epochs"]).all(), stopped[["epochs", "epochs_run"]]
 
 
-def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path, monkeypatch):
+def test_a_quarter_gpu_per_trial_runs_four_trials_at_once(cli, tmp_path, monkeypatch, no_shared_ray):
     # One logical GPU (no CUDA needed): scheduling is what is tested. Every trial waits after its
     # epoch 1 until the test releases it, and the test releases them only once four are waiting at
     # the same time: that happens only if four trials hold a quarter of the GPU each at once,
@@ -289,7 +289,7 @@ def test_time_budget_stops_the_search_and_keeps_what_finished(cli, tmp_path, mon
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "qmc"])
-def test_every_sampler_can_search_the_default_space(sampler):
+def test_every_sampler_can_search_the_default_space(sampler):  # no Ray: the shared one is started all the same
     from tuning.space import default_space
     from tuning.study import make_sampler
 
@@ -303,7 +303,7 @@ def test_every_sampler_can_search_the_default_space(sampler):
     assert all(1e-4 <= t.params["lr"] <= 0.15 for t in study.trials)  # the two families' lr ranges
 
 
-def test_a_ray_trial_flushes_subnormal_floats(tmp_path):
+def test_a_ray_trial_flushes_subnormal_floats(tmp_path, no_shared_ray):
     """Inside a trial's own Ray worker process, not only in the driver."""
     import ray
     import torch

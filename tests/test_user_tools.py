@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -22,6 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from tests.conftest import ensure_shared_ray
 from tuning.search import main as search
 
 pytestmark = pytest.mark.slow
@@ -42,19 +42,6 @@ optimizer: [adam, sgd]
 """
 
 
-@contextlib.contextmanager
-def private_ray_tmp() -> Iterator[None]:
-    """Ray's temp folder for this test, not the machine's /tmp/ray; short, since Ray's socket paths
-    inside it must stay under 108 characters."""
-    folder = tempfile.mkdtemp(prefix="hpt-ray-")
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RAY_TMPDIR", folder)
-            yield
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> dict:
     """A finished 6-trial search with --tensorboard: its folder, trials.csv and console output."""
@@ -64,7 +51,8 @@ def searched(tmp_path_factory) -> dict:
             "--samples", "6", "--space", str(tmp / "space.yaml"), "--sampler", "random",
             "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1", "--tensorboard"]
     out, err = io.StringIO(), io.StringIO()
-    with private_ray_tmp(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    ensure_shared_ray()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = search(argv)
     assert status == 0, err.getvalue()
     exp = tmp / "results" / "tools"
@@ -85,13 +73,12 @@ def test_not_a_terminal_gives_one_plain_line_per_trial_and_no_live_line(searched
     assert "tensorboard:" in out  # the summary names the folder
 
 
-def test_quiet_prints_only_the_summary(cli, tmp_path):
+def test_quiet_prints_only_the_summary(cli, tmp_path, shared_ray):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 0.01, high: 0.02}\nbatch_size: [256]\nepochs: 1\noptimizer: [adam]\n")
-    with private_ray_tmp():
-        argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "q", "--num-cpus", "2",
-                "--samples", "2", "--no-baseline", "--space", str(space), "--quiet"]
-        status, out, err = cli(search, argv)
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "q", "--num-cpus", "2",
+            "--samples", "2", "--no-baseline", "--space", str(space), "--quiet"]
+    status, out, err = cli(search, argv)
     assert status == 0, err
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines[0].startswith("Search q: 2 trials (2 finished)")  # nothing before the summary

@@ -71,15 +71,17 @@ def load_file(file: str) -> ModuleType:
     name = module_name(file)
     path = Path(file).expanduser()
     loaded = sys.modules.get(name)
-    if loaded is not None and (not path.is_file() or getattr(loaded, "__file__", None) == str(path.resolve())):
-        return loaded  # imported already (from this file, or the copy shipped to this worker)
+    if loaded is not None and (not path.is_file() or getattr(loaded, "__hptune_stamp__", None) == _stamp(path)):
+        return loaded  # imported already (from this file as it is now, or the copy shipped to this worker)
     if path.is_file():
+        stamp = _stamp(path)
         path = path.resolve()
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise BadReferenceError(f"{file}: cannot be imported as Python")
         module = importlib.util.module_from_spec(spec)
         module.__hptune_file__ = file  # type: ignore[attr-defined] # the path as written, for reference_of
+        module.__hptune_stamp__ = stamp  # type: ignore[attr-defined]
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
@@ -100,19 +102,30 @@ def preload(file: str, path: str) -> None:
     """Import the file a reference names as `file` from its absolute `path` (on a local Ray, where
     a trial runs in a folder of Ray's choosing and `file`, relative to the driver's, is not there)."""
     name = module_name(file)
-    if name in sys.modules or not Path(path).is_file():
+    if not Path(path).is_file():
         return
+    stamp = _stamp(path)
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__hptune_stamp__", None) == stamp:
+        return  # the same file, unchanged since (a Ray worker kept for the next search imports it afresh if not)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         return
     module = importlib.util.module_from_spec(spec)
     module.__hptune_file__ = file  # type: ignore[attr-defined]
+    module.__hptune_stamp__ = stamp  # type: ignore[attr-defined]
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
+
+
+def _stamp(path: str | Path) -> tuple[str, int, int]:
+    """Which file, and which version of it: its absolute path, size and modification time."""
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
 
 
 def load_module(module: str) -> ModuleType:
