@@ -117,7 +117,7 @@ def test_the_fused_step_can_be_turned_off_and_falls_back_without_a_compiler(kern
 
 
 @pytest.mark.slow
-def test_ray_trials_train_with_the_fused_step_in_their_own_processes(kernels, tmp_path):
+def test_ray_trials_train_with_the_fused_step_in_their_own_processes(kernels, tmp_path, no_shared_ray):
     """The extension built in the driver loads in a fresh Ray worker, which trains bf16 with it."""
     import ray
     from ray import tune

@@ -41,19 +41,14 @@ class UserCode:
     py_modules: list[str] = field(default_factory=list)  # files and folders every node gets
     names: list[str] = field(default_factory=list)  # what they are, as the user named them (for messages)
     staging: Path | None = None  # where shipped single files were copied under their module names
-    # On a local Ray nothing is shipped: the trials import the same files from where they are.
+    # On a local Ray nothing is shipped: the trials import the same files from where they are
+    # (a package the driver imports, its workers import too: Ray gives them the driver's paths).
     files: dict[str, str] = field(default_factory=dict)  # a reference's file, as written -> its absolute path
-    paths: list[str] = field(default_factory=list)  # folders holding the user's packages, for sys.path
 
     def install(self) -> None:
-        """In a trial's process on a local Ray: make the user's files and packages importable."""
-        import sys
-
+        """In a trial's process on a local Ray: import the user's files from their absolute paths."""
         from trainable.refs import preload
 
-        for folder in self.paths:
-            if folder not in sys.path:
-                sys.path.append(folder)
         for file, path in self.files.items():
             preload(file, path)
 
@@ -85,6 +80,14 @@ def prepare(config: TrainConfig, *, model: Callable[..., Any] | None = None,
                 continue  # not ours to ship (a name the checks reported already)
             if not ship:
                 code.files[target] = str(source.resolve())
+                # what the data carries from this file (a Dataset class, for one streamed to the
+                # trials) is pickled with its code, since a worker unpickles the data before the
+                # trial can import the file
+                module = sys.modules.get(module_name(target))
+                if module is not None:
+                    import ray.cloudpickle
+
+                    ray.cloudpickle.register_pickle_by_value(module)
                 continue
             if code.staging is None:
                 code.staging = Path(tempfile.mkdtemp(prefix="hptune-code-"))
@@ -102,7 +105,6 @@ def prepare(config: TrainConfig, *, model: Callable[..., Any] | None = None,
         if not str(location) or installed(location.resolve()):
             continue
         if not ship:
-            code.paths.append(str(location.resolve().parent))
             continue
         code.py_modules.append(str(location))
         code.names.append(top)
