@@ -170,9 +170,12 @@ def test_training_steps_reuse_memory_instead_of_faulting_in_new_pages(precision)
         return [float(v) for v in out.split()]
 
     control, ours = faults_per_step("0"), faults_per_step("1")
-    # measured over 5 runs each: control 660-3100 a step over the two epochs, ours 55-105
-    assert sum(control) > 300, control  # the problem, reproduced
-    assert 4 * sum(ours) < sum(control) and ours[1] < 50, (control, ours)
+    # measured over 5 runs each on the AMD box: control 660-3100 a step over the two epochs, ours
+    # 55-105; on the Intel box under load the control once faulted only 252 (glibc's threshold
+    # adapts to what the process did before), so the ratio is asserted where the problem shows
+    assert ours[1] < 50 and sum(ours) < 200, (control, ours)  # steps reuse memory
+    if sum(control) > 300:  # the problem, reproduced: ours avoids it
+        assert 4 * sum(ours) < sum(control), (control, ours)
 
 def test_a_stalled_epoch_is_named_with_its_slowdown():
     from trainable.fit import slow_epoch_text, slow_epochs
