@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -271,6 +273,70 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     assert status == 0, err
     assert f"Resuming r: {len(before)} trials done" in out
     check_resumed(exp, before, checkpointed, samples=6)
+
+
+# What a scheduler gives a job between SIGTERM and SIGKILL: Kubernetes' default
+# terminationGracePeriodSeconds and Slurm's default KillWait are both 30 s.
+SCHEDULER_GRACE = 30.0
+
+
+def terminate_as_a_scheduler_does(proc: subprocess.Popen, log: Path, whom: str, twice: bool = False,
+                                  exp: Path | None = None) -> tuple[int, float]:
+    """SIGTERM (to the driver alone, as Kubernetes sends it to a container's first process, or to
+    every process of the job, as Slurm's scancel and systemd do), then SIGKILL to the whole group
+    after SCHEDULER_GRACE; returns (exit status, seconds from the SIGTERM to the exit). With `twice`,
+    a second SIGTERM follows once the driver has begun saving (experiment.json says interrupted)."""
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM) if whom == "group" else proc.send_signal(signal.SIGTERM)
+    if twice:
+        assert exp is not None
+        while (proc.poll() is None and time.monotonic() - sent < SCHEDULER_GRACE
+               and '"interrupted"' not in (exp / "experiment.json").read_text()):
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    try:
+        status = proc.wait(timeout=SCHEDULER_GRACE)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"the driver was still running {SCHEDULER_GRACE:.0f} s after SIGTERM, when a scheduler "
+                             "kills it; its output:\n" + log.read_text()[-4000:]) from None
+    return status, time.monotonic() - sent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whom, twice", [("driver", False), pytest.param("group", False, marks=pytest.mark.heavy),
+                                         pytest.param("driver", True, marks=pytest.mark.heavy)],
+                         ids=["driver", "every-process", "twice"])
+def test_sigterm_saves_the_search_within_a_schedulers_grace_period(cli, capsys, tmp_path, whom, twice):
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "t", "--num-cpus", "2",
+            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    exp = tmp_path / "results" / "t"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    log = tmp_path / "first-run.log"
+    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(exp, proc)
+        status, took = terminate_as_a_scheduler_does(proc, log, whom, twice, exp)
+    output = log.read_text()
+    with capsys.disabled():  # the time it took, for docs/reliability.md (pytest -s shows it)
+        print(f"\nSIGTERM to the {whom}{' twice' if twice else ''}: exit status {status} after {took:.1f} s")
+    if not twice:
+        assert status == 143, output
+        assert "resume with:" in output and "--name t" in output and "Traceback" not in output, output
+        assert json.loads((exp / "experiment.json").read_text())["status"] == "interrupted"
+        table = pd.read_csv(exp / "trials.csv")  # written after the trials were stopped
+        assert "interrupted" in set(table["status"]) and "running" not in set(table["status"]), table
+        assert (exp / "report" / "index.html").exists()
+    else:  # the second SIGTERM ends it at once, or it had already saved everything
+        assert status in (143, -signal.SIGTERM), output
+    before, checkpointed = snapshot(exp)
+    assert 2 <= len(before) < 4
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    assert f"Resuming t: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=4)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainable.cli import INTERRUPTED_STATUS, UsageError
+from trainable.cli import UsageError
 from trainable.config import ConfigError, TrainConfig
 from trainable.data import Data, DataError, StreamedData, from_splits, load_dataset
 from trainable.fileio import atomic_write_text
@@ -79,7 +79,7 @@ class Plan:
 
 @dataclass
 class Outcome:
-    status: int  # 0, 1 (failed, resumable), 130 (interrupted)
+    status: int  # 0, 1 (failed, resumable), 130 (Ctrl-C) or 143 (SIGTERM): interrupted, resumable
     experiment: Experiment | None
 
 
@@ -320,9 +320,13 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
     except KeyboardInterrupt:
         interrupt.handled()
         experiment.mark("interrupted")
-        print(f"\nInterrupted. Finished trials are kept in {plan.folder}; resume with:\n  {meta['command']}",
-              file=sys.stderr)
-        return Outcome(INTERRUPTED_STATUS, experiment)
+        if started_ray:  # the trials stop here; what they reported is in the journal
+            cluster.stop_ray()
+            started_ray = False
+        save_interrupted(experiment, settings, prog)
+        print(f"\nInterrupted ({interrupt.name}). Finished trials are kept in {plan.folder}; resume with:\n  "
+              f"{meta['command']}", file=sys.stderr, flush=True)
+        return Outcome(interrupt.status, experiment)
     except Exception as exc:  # noqa: BLE001 - keep the experiment resumable whatever went wrong
         experiment.mark("interrupted")
         log = _log_error(plan)
@@ -343,6 +347,22 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
         print(f"{prog}: error: no trial finished; see the errors in {paths['trials']}", file=sys.stderr)
         return Outcome(1, experiment)
     return Outcome(0, experiment)
+
+
+def save_interrupted(experiment: Experiment, settings: SearchSettings, prog: str) -> None:
+    """The CSV files and the report of an interrupted search, its stopped trials shown as
+    interrupted; nothing if the folder was never written. Each is optional: the journal is the
+    record, and the next run writes them again."""
+    if not (experiment.folder / experiment_mod.EXPERIMENT).exists():
+        return
+    try:
+        export_mod.export(experiment.reload())
+        from tuning.results.report import write_report
+
+        write_report(experiment, top=settings.top)
+    except Exception as exc:  # noqa: BLE001 - the journal has everything; the resumed search writes them again
+        print(f"{prog}: warning: the CSV files or the report of the interrupted search could not be written ({exc})",
+              file=sys.stderr)
 
 
 class InputError(ValueError):

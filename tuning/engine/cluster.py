@@ -20,7 +20,7 @@ import ray
 
 from trainable.cli import UsageError
 from tuning.engine.usercode import UserCode
-from tuning.interrupts import sigint_handler
+from tuning.interrupts import handlers_kept, sigint_handler
 from tuning.settings import SearchSettings
 
 PROBE_SECONDS = 3.0  # a head node that does not accept a TCP connection in this time is not there
@@ -135,7 +135,8 @@ def start_ray(settings: SearchSettings, address: str | None = None, code: UserCo
         if "RAY_AUTH_MODE" not in os.environ and auth_token_available():
             enable_token_auth()
         try:
-            ray.init(address=address, runtime_env=code_runtime_env(code), **kwargs)
+            with handlers_kept():  # Ray's SIGTERM handlers would end the driver without saving the search
+                ray.init(address=address, runtime_env=code_runtime_env(code), **kwargs)
         except (ConnectionError, RuntimeError) as exc:  # AuthenticationError is a RuntimeError
             hint = ("if it uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy the head's "
                     "~/.ray/auth_token to this machine)")
@@ -150,7 +151,7 @@ def start_ray(settings: SearchSettings, address: str | None = None, code: UserCo
         # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
         if code and code.py_modules:
             kwargs["runtime_env"] = {"py_modules": code.py_modules, "excludes": ["__pycache__"]}
-        with daemons_ignoring_ctrl_c():
+        with daemons_ignoring_ctrl_c(), handlers_kept():
             ray.init(address="local", num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, **kwargs)
     return True
 
