@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,6 +338,102 @@ def test_sigterm_saves_the_search_within_a_schedulers_grace_period(cli, capsys, 
     assert status == 0, err
     assert f"Resuming t: {len(before)} trials done" in out
     check_resumed(exp, before, checkpointed, samples=4)
+
+
+# --- a broken study file: rebuilt from the journal ------------------------------------------------
+
+# lr 20 diverges (COMPLETE with the worst value; the center, so always there), 1e-7 stays at chance
+# and stops as stalled (PRUNED), batch 256 raises (FAIL, see FAULT_ENV below); the baseline is
+# added by the searcher itself (add_finished)
+MIXED_SPACE = """
+lr: [20.0, 0.01, 1.0e-7]
+batch_size: [128, 256]
+epochs: 3
+optimizer: [sgd]
+momentum: 0.9
+"""
+
+
+def break_study(path: Path, how: str) -> None:
+    import sqlite3
+
+    if how == "not-a-database":  # a bad copy, a half-synced folder
+        path.write_bytes(b"\0garbage\0" * 4096)
+    elif how == "missing-table":
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE trial_values")
+        db.close()
+    elif how == "another-study":  # another experiment's optuna.db copied over this one's
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE studies SET study_name = 'someone-else'")
+        db.close()
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+def study_contents(path: Path, name: str) -> list[tuple]:
+    """What a sampler reads of each trial: number, state, value, params and their distributions,
+    intermediate values and constraints."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
+    rows = [(t.user_attrs.get("number"), t.state.name, t.value, t.params, repr(sorted(t.distributions.items())),
+             t.intermediate_values, {k: v for k, v in t.system_attrs.items() if k.startswith("constraints")})
+            for t in study.get_trials()]
+    return sorted(rows, key=repr)
+
+
+@pytest.mark.slow
+def test_a_broken_study_is_rebuilt_from_the_journal_as_it_was(cli, tmp_path, monkeypatch):
+    from tuning.results.experiment import Experiment
+    from tuning.space import load_space
+    from tuning.study import open_or_rebuild
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"2:99:{markers}:batch_size=256")
+    space_file = write(tmp_path, "s.yaml", MIXED_SPACE)
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "b",
+                                  "--num-cpus", "2", "--samples", "7", "--space", space_file, "--sampler", "random",
+                                  "--max-failures", "0"])
+    assert status == 0, err
+    exp = tmp_path / "results" / "b"
+    original = study_contents(exp / "optuna.db", "b")
+    states = {row[1] for row in original}
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= states and len(original) == 7, original
+    for how in ("not-a-database", "missing-table", "another-study", "empty"):
+        copy = tmp_path / how / "b"
+        shutil.copytree(exp, copy)
+        break_study(copy / "optuna.db", how)
+        study, note = open_or_rebuild(Experiment.load(copy), load_space(space_file), "maximize")
+        assert note is not None and "rebuilt from journal.jsonl (7 trials)" in note, (how, note)
+        assert len(list(copy.glob("optuna.db.broken-*"))) == 1, how
+        assert study_contents(copy / "optuna.db", "b") == original, how
+    _, note = open_or_rebuild(Experiment.load(exp), load_space(space_file), "maximize")
+    assert note is None  # a sound study is left alone
+
+
+@pytest.mark.slow
+def test_a_search_with_a_broken_study_file_resumes_to_exactly_samples_trials(cli, tmp_path):
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
+            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    exp = tmp_path / "results" / "r"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with running(tmp_path / "first-run.log", [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(exp, proc)
+        signal_and_wait(proc, signal.SIGKILL, tmp_path / "first-run.log")
+    before, checkpointed = snapshot(exp)
+    break_study(exp / "optuna.db", "not-a-database")
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    rebuilt = [line for line in err.splitlines() if "rebuilt from journal.jsonl" in line]
+    assert len(rebuilt) == 1 and "moved aside as optuna.db.broken-" in rebuilt[0], err
+    assert f"Resuming r: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=4)
+    # the finished trials the sampler learnt from before are in the study again, as they were
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{exp / 'optuna.db'}")
+    numbers = {t.number for t in trials(Journal(exp).read()) if t.trial in before}
+    complete = {t.user_attrs["number"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert numbers <= complete
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from optuna.distributions import distribution_to_json
 from ray import tune
 
 from trainable.config import TrainConfig
@@ -94,6 +95,10 @@ class ExperimentCallback(tune.Callback):
                 record["number"] = number
             if trial.config.get(BASELINE):
                 record["baseline"] = True
+            asked = self.searcher.asked.get(trial.trial_id)
+            if asked is not None:  # what Optuna holds of it, so a lost optuna.db can be rebuilt exactly
+                record["optuna"] = {"params": asked.params, "distributions": {
+                    k: distribution_to_json(d) for k, d in asked.distributions.items()}}
             self.journal.append("trial", **record)
         # what is shown, after what is recorded: a restart resumes from the trial's last checkpoint
         resumes_after = self.checkpoint_epochs.get(trial.trial_id) or self.checkpoint_epochs.get(continues or "", 0)

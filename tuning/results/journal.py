@@ -5,7 +5,8 @@ searcher state is pickled separately from the Optuna study, so after a hard kill
 `Tuner.restore` can find neither. Instead, the driver appends one JSON line per event to
 ``results/<name>/journal.jsonl`` the moment it happens (flushed and fsynced):
 
-    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}  (at its start)
+    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}  (at its start;
+        a trial the sampler proposed also has "optuna": its Optuna params and distributions, as JSON)
     {"event": "epoch", "trial": id, "epoch": 3, "train_loss": ..., "objective": ..., ...}
     {"event": "checkpoint", "trial": id, "epoch": 3, "path": ...}  (relative to the folder if in it)
     {"event": "end", "trial": id, "error": null | "message"}
@@ -107,6 +108,7 @@ class TrialRecord:
     started: float = 0.0
     finished_at: float | None = None
     aliases: list[str] = field(default_factory=list)  # Ray ids of the runs that continued it
+    optuna: dict[str, Any] | None = None  # {"params", "distributions"} of a trial the sampler proposed
 
     @property
     def last(self) -> dict[str, Any] | None:
@@ -152,6 +154,7 @@ def trials(records: list[dict[str, Any]]) -> list[TrialRecord]:
                 config=r["config"],
                 baseline=bool(r.get("baseline")),
                 started=r["time"],
+                optuna=r.get("optuna"),
             )
             continue
         trial = by_id.get(alias.get(r.get("trial", ""), r.get("trial", "")))
