@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -338,6 +339,115 @@ def test_sigterm_saves_the_search_within_a_schedulers_grace_period(cli, capsys, 
     assert status == 0, err
     assert f"Resuming t: {len(before)} trials done" in out
     check_resumed(exp, before, checkpointed, samples=4)
+
+
+# --- a full disk: one line, exit 1, resumable ------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A filesystem of its own, 256 MB, that the test can fill: a tmpfs mounted for the test and
+    unmounted after it, whatever happened."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root; the journal's own writes are tested without "
+                    "(test_a_journal_write_that_fails_leaves_no_half_record)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)  # still in use: detach it now
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk refuses another byte; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["checkpoints", pytest.param("records", marks=pytest.mark.heavy)])
+def test_a_full_disk_is_one_line_exit_1_and_the_search_resumes_to_exactly_samples_trials(cli, tmp_path, small_disk,
+                                                                                         what):
+    """`checkpoints`: the whole experiment on the small disk, so a trial's checkpoint is what finds it
+    full; `records`: checkpoints elsewhere (--storage), so the journal, the study or a CSV file is."""
+    argv = ["--data", "synthetic", "--results-dir", str(small_disk / "results"), "--name", "full", "--num-cpus", "2",
+            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    if what == "records":
+        argv += ["--storage", str(tmp_path / "checkpoints")]
+    exp = small_disk / "results" / "full"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    log = tmp_path / "first-run.log"
+    # Two trials end; the other two wait after their epoch 3 (checkpointed). Then the disk fills up,
+    # and they go on to epoch 4, with no room for what it brings.
+    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(exp, proc)
+        while not (markers / "arrived-3").exists():  # both held
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        filler = fill(small_disk)
+        finished, _ = snapshot(exp)
+        (markers / "release").touch()
+        try:
+            status = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the search did not stop on the full disk:\n" + log.read_text()[-4000:]) from None
+    output = log.read_text()
+    assert status == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and str(exp) in errors[0], output
+    assert "free space on that disk" in errors[0] and "then run the same command" in errors[0]
+    assert output.rstrip().endswith(argv[-1])  # ... and the command, on the next line
+    before, checkpointed = snapshot(exp)
+    assert before == finished  # the finished trials, as they were
+    filler.unlink()  # the user frees space
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    assert f"Resuming full: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=4)
+
+
+def test_a_journal_write_that_fails_leaves_no_half_record(tmp_path):
+    """A write refused at the OS (here: the file-size limit, EFBIG, as a full disk refuses with
+    ENOSPC) leaves the journal as it was, and a line a kill cut short does not swallow the next."""
+    journal = Journal(tmp_path)
+    journal.append("trial", trial="a", number=1, params={}, config={"epochs": 2})
+    journal.append("epoch", trial="a", epoch=1, test_loss=1.0)
+    whole = journal.path.read_bytes()
+    script = f"""
+import resource, signal, sys
+from trainable.fileio import WriteError
+from tuning.results.journal import Journal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(whole) + 20}, resource.RLIM_INFINITY))
+try:
+    Journal({str(tmp_path)!r}).append("epoch", trial="a", epoch=2, test_loss=0.5, padding="x" * 200)
+except WriteError as exc:
+    print(exc.errno, exc.filename)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(SEARCH).parent.parent)
+    assert result.stdout.split() == [str(errno.EFBIG), str(journal.path)], result.stdout + result.stderr
+    assert journal.path.read_bytes() == whole  # the part that fitted was taken back
+    journal.path.write_bytes(whole + b'{"event": "epoch", "trial": "a", "ep')  # power lost mid-write
+    journal.append("epoch", trial="a", epoch=2, test_loss=0.5)
+    journal.append("end", trial="a", error=None)
+    (trial,) = trials(journal.read())
+    assert [m["epoch"] for m in trial.epochs] == [1, 2] and trial.ended and trial.status == "finished"
 
 
 # --- a broken study file: rebuilt from the journal ------------------------------------------------

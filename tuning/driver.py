@@ -15,6 +15,7 @@ line); the driver prints the rest itself (the resume command, the summary).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any
 from trainable.cli import UsageError
 from trainable.config import ConfigError, TrainConfig
 from trainable.data import Data, DataError, StreamedData, from_splits, load_dataset
-from trainable.fileio import atomic_write_text
+from trainable.fileio import atomic_write_text, write_error
 from trainable.models import DEFAULT_MODEL, ModelError, check_model_args, factory_of
 from trainable.refs import UNNAMED, BadReferenceError, UserCodeError, call_user, reference_of
 from tuning import interrupts
@@ -311,6 +312,8 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
 
             paths["report"] = write_report(experiment, top=settings.top)
         except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
+            if write_error(exc) is not None:
+                raise  # a full disk is not a drawing problem: said below, as any failed write
             print(f"{prog}: warning: the report could not be drawn ({exc}); the CSV files are complete",
                   file=sys.stderr)
         experiment.mark("finished" if outcome == "finished" else "interrupted")
@@ -319,7 +322,7 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
         raise InputError(str(exc)) from None
     except KeyboardInterrupt:
         interrupt.handled()
-        experiment.mark("interrupted")
+        _mark(experiment, "interrupted")
         if started_ray:  # the trials stop here; what they reported is in the journal
             cluster.stop_ray()
             started_ray = False
@@ -328,9 +331,15 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
               f"{meta['command']}", file=sys.stderr, flush=True)
         return Outcome(interrupt.status, experiment)
     except Exception as exc:  # noqa: BLE001 - keep the experiment resumable whatever went wrong
-        experiment.mark("interrupted")
+        _mark(experiment, "interrupted")
         log = _log_error(plan)
-        print(f"{prog}: error: {exc} (details in {log}). Finished trials are kept; resume with:\n  "
+        failed = write_error(exc)
+        if failed is not None:  # a full disk, a quota, a read-only disk: what to do about it, no traceback
+            print(f"{prog}: error: {write_failure_text(failed, plan.folder, log)}:\n  {meta['command']}",
+                  file=sys.stderr)
+            return Outcome(1, experiment)
+        details = f"details in {log}" if log else "no room for the details in error.log"
+        print(f"{prog}: error: {exc} ({details}). Finished trials are kept; resume with:\n  "
               f"{meta['command']}", file=sys.stderr)
         return Outcome(1, experiment)
     finally:
@@ -369,16 +378,44 @@ class InputError(ValueError):
     """Bad input found once the search had begun (the data, the model on a batch): one line, exit 2."""
 
 
-def _log_error(plan: Plan) -> Path:
-    """The traceback in the experiment's error.log, where the folder exists."""
+def _log_error(plan: Plan) -> Path | None:
+    """The traceback in the experiment's error.log, where the folder exists and the disk has room
+    for it; None where it could not be written."""
     log = plan.folder / "error.log"
-    if plan.folder.exists():
-        details = traceback.format_exc()
-        exc = sys.exc_info()[1]
-        if isinstance(exc, UserCodeError) and exc.details:
-            details = exc.details
+    if not plan.folder.exists():
+        return None
+    details = traceback.format_exc()
+    exc = sys.exc_info()[1]
+    if isinstance(exc, UserCodeError) and exc.details:
+        details = exc.details
+    try:
         atomic_write_text(log, details)
+    except OSError:
+        return None
     return log
+
+
+def _mark(experiment: Experiment, status: str) -> None:
+    """experiment.mark, where the disk allows: if it cannot be written, experiment.json keeps
+    `running`, which the next search of the experiment overwrites (the lock, not the status, keeps
+    two searches apart)."""
+    try:
+        experiment.mark(status)
+    except OSError:
+        pass
+
+
+def write_failure_text(failed: OSError, folder: Path, log: Path | None) -> str:
+    """What a user is told when a write fails: which file, what the disk said, that nothing
+    finished is lost, and what to do before running the same command."""
+    where = failed.filename or folder
+    if failed.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free space on that disk"
+    else:
+        fix = f"make {folder} writable again"
+    details = f"; the traceback is in {log}" if log else ""
+    return (f"cannot write {where}: {failed.strerror or failed}{details}. Nothing finished is lost: {fix} (or move "
+            f"{folder} to a disk with room and give its new parent as --results-dir), then run the same command")
 
 
 def confirm_best(experiment: Experiment, data: Data, n: int, model: Callable[..., Any] | None = None) -> Path:

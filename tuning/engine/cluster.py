@@ -83,6 +83,9 @@ def quiet_ray(verbose: bool) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the journal is the record
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # a trial's error is in the journal and trials.csv; once a search stopped early, Ray would also
+        # print the traceback of every failed trial result nobody fetched
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)

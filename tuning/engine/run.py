@@ -141,6 +141,10 @@ def run_trials(
     )
     try:
         tuner.fit()
+    except Exception as exc:
+        if callback.failed_write is not None:  # Tune hands on a callback's exception as text: the write, named
+            raise callback.failed_write from exc
+        raise
     finally:
         callback.close()
     experiment.reload()

@@ -12,11 +12,12 @@ searcher state is pickled separately from the Optuna study, so after a hard kill
     {"event": "end", "trial": id, "error": null | "message"}
 
 Reading it back gives every trial with its epochs, latest checkpoint and status. A line cut short
-by a kill is ignored. Nothing here imports Ray.
+by a kill is ignored (and the next record starts on a line of its own). Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trainable.fileio import writing
 
 JOURNAL = "journal.jsonl"
 
@@ -40,14 +43,30 @@ class Journal:
         self.path = Path(exp_dir) / JOURNAL
 
     def append(self, event: str, **fields: Any) -> None:
+        """One record, whole or not at all: a write that fails (a full disk) is taken back, and a
+        line a kill cut short is ended first, so it cannot swallow the next record. A failure is
+        a WriteError naming the journal."""
         if event == "checkpoint" and fields.get("path"):
             fields["path"] = self._relative(fields["path"])
         record = {"event": event, "time": time.time(), **fields}
-        line = json.dumps(_finite(record), allow_nan=False) + "\n"
-        with open(self.path, "a") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = (json.dumps(_finite(record), allow_nan=False) + "\n").encode()
+        with writing(self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                if start and os.pread(fd, 1, start - 1) != b"\n":
+                    data = b"\n" + data
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
