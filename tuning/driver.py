@@ -2,8 +2,8 @@
 tuning/search.py` and the Python API (`tuning.search`) all run.
 
     plan(...)     everything that can be checked before anything is written: settings, space,
-                  base configuration, references to the user's code, the cluster's address, the
-                  results folder; ends holding the experiment's lock
+                  base configuration, references to the user's code, the cluster's address and
+                  handshake, the results folder; ends holding the experiment's lock
     execute(...)  data loaded once (and the model tried on one batch of it), Ray started or joined,
                   the experiment folder written, the trials run, CSV files, confirmation, report,
                   summary; interruptions leave the experiment resumable
@@ -89,12 +89,14 @@ class Outcome:
 
 def plan(settings: SearchSettings, inputs: Inputs, *, prog: str = "hptune search") -> Plan:
     """Check everything that can be checked without the data, then lock results/<name>."""
-    from tuning.engine.cluster import cluster_address
+    from tuning.engine.cluster import check_join, cluster_address
 
     if settings.tensorboard and not tensorboard.available():
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     inputs = _named_code(inputs, cluster=settings.address is not None)
     address = cluster_address(settings.address) if settings.address else None  # before anything is written
+    if address:
+        check_join(address, settings.address)  # in seconds, where ray.init could retry for minutes
     if settings.warm_start:
         Experiment.load(settings.warm_start)  # an ExperimentError (exit 2) if it is not one
     space, base = inputs.space, inputs.base
