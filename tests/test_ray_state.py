@@ -48,6 +48,7 @@ class RayMachine:
         (self.home / ".ray").mkdir(parents=True)
         (self.home / ".ray" / "auth_token").write_text(os.urandom(16).hex())  # so `ray start` turns on token auth
         self.groups: list[int] = []
+        self.children: list[subprocess.Popen] = []  # reaped while they are killed, or their group outlives them
 
     @property
     def address_file(self) -> Path:
@@ -89,11 +90,14 @@ class RayMachine:
         code = ("import sys, time\nfrom ray.cluster_utils import Cluster\n"
                 "args = {'num_cpus': 1, 'node_ip_address': '127.0.0.1'}\n"
                 "c = Cluster(initialize_head=True, head_node_args={**args, 'include_dashboard': False})\n"
-                "c.add_node(**args)\nprint(c.address, flush=True)\nsys.stdin.read()\n")  # until the test ends
+                "c.add_node(**args)\nprint(c.address, flush=True)\n"
+                # until the test ends; its SIGTERM ends it at once (its nodes die with it: Ray's fate sharing)
+                "import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os._exit(0))\nsys.stdin.read()\n")
         proc = subprocess.Popen([sys.executable, "-c", code], env=self.env(HOME=str(home)), cwd=self.root,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 start_new_session=True)
         self.groups.append(proc.pid)
+        self.children.append(proc)
         address = proc.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), address or "the cluster did not start"
         return address
@@ -107,6 +111,8 @@ class RayMachine:
                 return
             deadline = time.time() + wait
             while time.time() < deadline:
+                for child in self.children:
+                    child.poll()
                 try:
                     os.killpg(group, 0)
                 except ProcessLookupError:
