@@ -340,8 +340,8 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
             print(f"{prog}: error: {write_failure_text(failed, plan.folder, log)}:\n  {meta['command']}",
                   file=sys.stderr)
             return Outcome(1, experiment)
-        details = f"details in {log}" if log else "no room for the details in error.log"
-        print(f"{prog}: error: {exc} ({details}). Finished trials are kept; resume with:\n  "
+        details = f" (details in {log})" if log else ""
+        print(f"{prog}: error: {exc}{details}. Finished trials are kept; resume with:\n  "
               f"{meta['command']}", file=sys.stderr)
         return Outcome(1, experiment)
     finally:
@@ -411,8 +411,10 @@ def write_failure_text(failed: OSError, folder: Path, log: Path | None) -> str:
     """What a user is told when a write fails: which file, what the disk said, that nothing
     finished is lost, and what to do before running the same command."""
     where = failed.filename or folder
-    if failed.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if failed.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space on that disk"
+    elif failed.errno == errno.EFBIG:
+        fix = "raise the file-size limit (ulimit -f)"
     else:
         fix = f"make {folder} writable again"
     details = f"; the traceback is in {log}" if log else ""
