@@ -1,4 +1,5 @@
-"""Nothing lost: bad input, diverging and failing trials, Ctrl-C and SIGKILL of the driver."""
+"""Nothing lost: bad input, diverging and failing trials, Ctrl-C, SIGTERM and SIGKILL of the driver, a full
+disk, a journal cut short, a broken study file."""
 
 from __future__ import annotations
 
