@@ -48,6 +48,7 @@ class RayMachine:
         (self.home / ".ray").mkdir(parents=True)
         (self.home / ".ray" / "auth_token").write_text(os.urandom(16).hex())  # so `ray start` turns on token auth
         self.groups: list[int] = []
+        self.children: list[subprocess.Popen] = []  # reaped while they are killed, or their group outlives them
 
     @property
     def address_file(self) -> Path:
@@ -81,6 +82,26 @@ class RayMachine:
                               text=True,
                               timeout=timeout)
 
+    def loopback_cluster(self) -> str:
+        """A two-node `ray.cluster_utils.Cluster` that listens on 127.0.0.1 only, without token
+        authentication (its home has no token), in a process group of its own; returns its address."""
+        home = self.root / "home-without-token"
+        home.mkdir(exist_ok=True)
+        code = ("import sys, time\nfrom ray.cluster_utils import Cluster\n"
+                "args = {'num_cpus': 1, 'node_ip_address': '127.0.0.1'}\n"
+                "c = Cluster(initialize_head=True, head_node_args={**args, 'include_dashboard': False})\n"
+                "c.add_node(**args)\nprint(c.address, flush=True)\n"
+                # until the test ends; its SIGTERM ends it at once (its nodes die with it: Ray's fate sharing)
+                "import os, signal\nsignal.signal(signal.SIGTERM, lambda *_: os._exit(0))\nsys.stdin.read()\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], env=self.env(HOME=str(home)), cwd=self.root,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        self.groups.append(proc.pid)
+        self.children.append(proc)
+        address = proc.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address or "the cluster did not start"
+        return address
+
     def kill(self, group: int) -> None:
         """SIGTERM the process group, SIGKILL what is left once Ray had its time to exit."""
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
@@ -90,6 +111,8 @@ class RayMachine:
                 return
             deadline = time.time() + wait
             while time.time() < deadline:
+                for child in self.children:
+                    child.poll()
                 try:
                     os.killpg(group, 0)
                 except ProcessLookupError:
@@ -162,6 +185,83 @@ def test_a_dead_address_is_one_line_exit_2_and_nothing_written(cli, tmp_path):
             and "Traceback" not in err)
     assert not results.exists()  # no experiment folder, no lock file
     assert time.time() - started < 60  # seconds, not Ray's minutes of retries (a generous bound for a slow box)
+
+
+# What a driver may wait for a cluster it cannot join: the join's deadline (20 s) and Ray's import,
+# generously; ray.init alone retried for over ten minutes.
+JOIN_BOUND = 120
+BEFORE = 300  # the search's own limit in these tests, so that a hang fails them instead of holding them
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess, took: float, *words: str) -> None:
+    err = result.stderr.strip()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot join the Ray cluster" in err and all(w in err for w in words), err
+    assert took < JOIN_BOUND, took
+
+
+def timed_search(machine: RayMachine, argv: list[str], cwd: Path, **env: str) -> tuple[subprocess.CompletedProcess,
+                                                                                      float]:
+    started = time.monotonic()
+    try:
+        result = machine.search(argv, cwd=cwd, timeout=BEFORE, **env)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the search was still joining after {BEFORE} s") from None
+    return result, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_cluster_on_loopback_only_is_one_line_exit_2_in_seconds(machine, tmp_path):
+    """The cluster without token authentication, the driver with a token (its home has one): what
+    looked like an authentication hang is Ray dialling 127.0.0.1 at this machine's own address."""
+    import ray._private.services as services
+
+    if services.get_node_ip_address() == "127.0.0.1":
+        pytest.skip("this machine has no address but loopback, so Ray dials loopback as given")
+    address = machine.loopback_cluster()
+    assert (machine.home / ".ray" / "auth_token").exists()  # the driver's
+    result, took = timed_search(machine, ["--smoke-test", "--address", address, "--results-dir",
+                                          str(tmp_path / "results")], tmp_path)
+    one_line_exit_2(result, took, "loopback only", "--node-ip-address")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_token_authentication_on_one_side_only_is_one_line_exit_2_in_seconds(machine, tmp_path):
+    address = machine.head("--num-cpus", "1")  # with token authentication: its home has a token
+    argv = ["--smoke-test", "--address", address, "--results-dir", str(tmp_path / "results")]
+    no_token = tmp_path / "home-without-token"
+    (no_token / ".ray").mkdir(parents=True)
+    result, took = timed_search(machine, argv, tmp_path, HOME=str(no_token))
+    one_line_exit_2(result, took, "token authentication", "has no token", "auth_token")
+    other = tmp_path / "home-with-another-token"
+    (other / ".ray").mkdir(parents=True)
+    (other / ".ray" / "auth_token").write_text(os.urandom(16).hex())
+    result, took = timed_search(machine, argv, tmp_path, HOME=str(other))
+    one_line_exit_2(result, took, "refused this machine's token")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("host, cause", [("127.0.0.1", "loopback only"), ("127.0.0.2", "not a Ray head node's GCS")])
+def test_an_address_where_something_else_listens_is_one_line_exit_2_in_seconds(tmp_path, host, cause):
+    """A port that accepts connections but is not a Ray head's GCS (a typo, the dashboard's port).
+    Ray dials 127.0.0.1 at this machine's own address (where this one does not listen); 127.0.0.2
+    as given."""
+    with socket.socket() as listener:
+        listener.bind((host, 0))
+        listener.listen()
+        argv = ["--smoke-test", "--address", f"{host}:{listener.getsockname()[1]}", "--results-dir",
+                str(tmp_path / "results")]
+        started = time.monotonic()
+        try:
+            result = subprocess.run([sys.executable, SEARCH, *argv], cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=BEFORE, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                         "HPTUNE_JOIN_SECONDS": "8"})
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the search was still joining after {BEFORE} s") from None
+    one_line_exit_2(result, time.monotonic() - started, cause)
+    assert not (tmp_path / "results").exists()
 
 
 def test_auto_with_a_stale_address_file_or_none_is_one_line_exit_2(cli, tmp_path, monkeypatch):

@@ -1,7 +1,12 @@
-"""Nothing lost: bad input, diverging and failing trials, Ctrl-C and SIGKILL of the driver."""
+"""Nothing lost: bad input, diverging and failing trials, Ctrl-C, SIGTERM and SIGKILL of the driver, a full
+disk, a journal cut short, a broken study file."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,6 +276,275 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     assert status == 0, err
     assert f"Resuming r: {len(before)} trials done" in out
     check_resumed(exp, before, checkpointed, samples=6)
+
+
+# What a scheduler gives a job between SIGTERM and SIGKILL: Kubernetes' default
+# terminationGracePeriodSeconds and Slurm's default KillWait are both 30 s.
+SCHEDULER_GRACE = 30.0
+
+
+def terminate_as_a_scheduler_does(proc: subprocess.Popen, log: Path, whom: str, twice: bool = False,
+                                  exp: Path | None = None) -> tuple[int, float]:
+    """SIGTERM (to the driver alone, as Kubernetes sends it to a container's first process, or to
+    every process of the job, as Slurm's scancel and systemd do), then SIGKILL to the whole group
+    after SCHEDULER_GRACE; returns (exit status, seconds from the SIGTERM to the exit). With `twice`,
+    a second SIGTERM follows once the driver has begun saving (experiment.json says interrupted)."""
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM) if whom == "group" else proc.send_signal(signal.SIGTERM)
+    if twice:
+        assert exp is not None
+        while (proc.poll() is None and time.monotonic() - sent < SCHEDULER_GRACE
+               and '"interrupted"' not in (exp / "experiment.json").read_text()):
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    try:
+        status = proc.wait(timeout=SCHEDULER_GRACE)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"the driver was still running {SCHEDULER_GRACE:.0f} s after SIGTERM, when a scheduler "
+                             "kills it; its output:\n" + log.read_text()[-4000:]) from None
+    return status, time.monotonic() - sent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whom, twice", [("driver", False), pytest.param("group", False, marks=pytest.mark.heavy),
+                                         pytest.param("driver", True, marks=pytest.mark.heavy)],
+                         ids=["driver", "every-process", "twice"])
+def test_sigterm_saves_the_search_within_a_schedulers_grace_period(cli, capsys, tmp_path, whom, twice):
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "t", "--num-cpus", "2",
+            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    exp = tmp_path / "results" / "t"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    log = tmp_path / "first-run.log"
+    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(exp, proc)
+        status, took = terminate_as_a_scheduler_does(proc, log, whom, twice, exp)
+    output = log.read_text()
+    with capsys.disabled():  # the time it took, for docs/reliability.md (pytest -s shows it)
+        print(f"\nSIGTERM to the {whom}{' twice' if twice else ''}: exit status {status} after {took:.1f} s")
+    if not twice:
+        assert status == 143, output
+        assert "resume with:" in output and "--name t" in output and "Traceback" not in output, output
+        assert json.loads((exp / "experiment.json").read_text())["status"] == "interrupted"
+        table = pd.read_csv(exp / "trials.csv")  # written after the trials were stopped
+        assert "interrupted" in set(table["status"]) and "running" not in set(table["status"]), table
+        assert (exp / "report" / "index.html").exists()
+    else:  # the second SIGTERM ends it at once, or it had already saved everything
+        assert status in (143, -signal.SIGTERM), output
+    before, checkpointed = snapshot(exp)
+    assert 2 <= len(before) < 4
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    assert f"Resuming t: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=4)
+
+
+# --- a full disk: one line, exit 1, resumable ------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A filesystem of its own, 256 MB, that the test can fill: a tmpfs mounted for the test and
+    unmounted after it, whatever happened."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root; the journal's own writes are tested without "
+                    "(test_a_journal_write_that_fails_leaves_no_half_record)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)  # still in use: detach it now
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk refuses another byte; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["checkpoints", pytest.param("records", marks=pytest.mark.heavy)])
+def test_a_full_disk_is_one_line_exit_1_and_the_search_resumes_to_exactly_samples_trials(cli, tmp_path, small_disk,
+                                                                                         what):
+    """`checkpoints`: the whole experiment on the small disk, so a trial's checkpoint is what finds it
+    full; `records`: checkpoints elsewhere (--storage), so the journal, the study or a CSV file is."""
+    argv = ["--data", "synthetic", "--results-dir", str(small_disk / "results"), "--name", "full", "--num-cpus", "2",
+            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    if what == "records":
+        argv += ["--storage", str(tmp_path / "checkpoints")]
+    exp = small_disk / "results" / "full"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    log = tmp_path / "first-run.log"
+    # Two trials end; the other two wait after their epoch 3 (checkpointed). Then the disk fills up,
+    # and they go on to epoch 4, with no room for what it brings.
+    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(exp, proc)
+        while not (markers / "arrived-3").exists():  # both held
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        filler = fill(small_disk)
+        finished, _ = snapshot(exp)
+        (markers / "release").touch()
+        try:
+            status = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the search did not stop on the full disk:\n" + log.read_text()[-4000:]) from None
+    output = log.read_text()
+    assert status == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and str(exp) in errors[0], output
+    assert "free space on that disk" in errors[0] and "then run the same command" in errors[0]
+    assert output.rstrip().endswith(argv[-1])  # ... and the command, on the next line
+    before, checkpointed = snapshot(exp)
+    assert before == finished  # the finished trials, as they were
+    filler.unlink()  # the user frees space
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    assert f"Resuming full: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=4)
+
+
+def test_a_journal_write_that_fails_leaves_no_half_record(tmp_path):
+    """A write refused at the OS (here: the file-size limit, EFBIG, as a full disk refuses with
+    ENOSPC) leaves the journal as it was, and a line a kill cut short does not swallow the next."""
+    journal = Journal(tmp_path)
+    journal.append("trial", trial="a", number=1, params={}, config={"epochs": 2})
+    journal.append("epoch", trial="a", epoch=1, test_loss=1.0)
+    whole = journal.path.read_bytes()
+    script = f"""
+import resource, signal, sys
+from trainable.fileio import WriteError
+from tuning.results.journal import Journal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(whole) + 20}, resource.RLIM_INFINITY))
+try:
+    Journal({str(tmp_path)!r}).append("epoch", trial="a", epoch=2, test_loss=0.5, padding="x" * 200)
+except WriteError as exc:
+    print(exc.errno, exc.filename)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(SEARCH).parent.parent)
+    assert result.stdout.split() == [str(errno.EFBIG), str(journal.path)], result.stdout + result.stderr
+    assert journal.path.read_bytes() == whole  # the part that fitted was taken back
+    journal.path.write_bytes(whole + b'{"event": "epoch", "trial": "a", "ep')  # power lost mid-write
+    journal.append("epoch", trial="a", epoch=2, test_loss=0.5)
+    journal.append("end", trial="a", error=None)
+    (trial,) = trials(journal.read())
+    assert [m["epoch"] for m in trial.epochs] == [1, 2] and trial.ended and trial.status == "finished"
+
+
+# --- a broken study file: rebuilt from the journal ------------------------------------------------
+
+# lr 20 diverges (COMPLETE with the worst value; the center, so always there), 1e-7 stays at chance
+# and stops as stalled (PRUNED), batch 256 raises (FAIL, see FAULT_ENV below); the baseline is
+# added by the searcher itself (add_finished)
+MIXED_SPACE = """
+lr: [20.0, 0.01, 1.0e-7]
+batch_size: [128, 256]
+epochs: 3
+optimizer: [sgd]
+momentum: 0.9
+"""
+
+
+def break_study(path: Path, how: str) -> None:
+    import sqlite3
+
+    if how == "not-a-database":  # a bad copy, a half-synced folder
+        path.write_bytes(b"\0garbage\0" * 4096)
+    elif how == "missing-table":
+        with sqlite3.connect(path) as db:
+            db.execute("DROP TABLE trial_values")
+        db.close()
+    elif how == "another-study":  # another experiment's optuna.db copied over this one's
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE studies SET study_name = 'someone-else'")
+        db.close()
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+def study_contents(path: Path, name: str) -> list[tuple]:
+    """What a sampler reads of each trial: number, state, value, params and their distributions,
+    intermediate values and constraints."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{path}")
+    rows = [(t.user_attrs.get("number"), t.state.name, t.value, t.params, repr(sorted(t.distributions.items())),
+             t.intermediate_values, {k: v for k, v in t.system_attrs.items() if k.startswith("constraints")})
+            for t in study.get_trials()]
+    return sorted(rows, key=repr)
+
+
+@pytest.mark.slow
+def test_a_broken_study_is_rebuilt_from_the_journal_as_it_was(cli, tmp_path, monkeypatch):
+    from tuning.results.experiment import Experiment
+    from tuning.space import load_space
+    from tuning.study import open_or_rebuild
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV, f"2:99:{markers}:batch_size=256")
+    space_file = write(tmp_path, "s.yaml", MIXED_SPACE)
+    status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "b",
+                                  "--num-cpus", "2", "--samples", "7", "--space", space_file, "--sampler", "random",
+                                  "--max-failures", "0"])
+    assert status == 0, err
+    exp = tmp_path / "results" / "b"
+    original = study_contents(exp / "optuna.db", "b")
+    states = {row[1] for row in original}
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= states and len(original) == 7, original
+    for how in ("not-a-database", "missing-table", "another-study", "empty"):
+        copy = tmp_path / how / "b"
+        shutil.copytree(exp, copy)
+        break_study(copy / "optuna.db", how)
+        study, note = open_or_rebuild(Experiment.load(copy), load_space(space_file), "maximize")
+        assert note is not None and "rebuilt from journal.jsonl (7 trials)" in note, (how, note)
+        assert len(list(copy.glob("optuna.db.broken-*"))) == 1, how
+        assert study_contents(copy / "optuna.db", "b") == original, how
+    _, note = open_or_rebuild(Experiment.load(exp), load_space(space_file), "maximize")
+    assert note is None  # a sound study is left alone
+
+
+@pytest.mark.slow
+def test_a_search_with_a_broken_study_file_resumes_to_exactly_samples_trials(cli, tmp_path):
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
+            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    exp = tmp_path / "results" / "r"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with running(tmp_path / "first-run.log", [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+        wait_until_mid_search(exp, proc)
+        signal_and_wait(proc, signal.SIGKILL, tmp_path / "first-run.log")
+    before, checkpointed = snapshot(exp)
+    break_study(exp / "optuna.db", "not-a-database")
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    rebuilt = [line for line in err.splitlines() if "rebuilt from journal.jsonl" in line]
+    assert len(rebuilt) == 1 and "moved aside as optuna.db.broken-" in rebuilt[0], err
+    assert f"Resuming r: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=4)
+    # the finished trials the sampler learnt from before are in the study again, as they were
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{exp / 'optuna.db'}")
+    numbers = {t.number for t in trials(Journal(exp).read()) if t.trial in before}
+    complete = {t.user_attrs["number"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert numbers <= complete
 
 
 @pytest.mark.slow

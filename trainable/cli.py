@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses
-INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C
+INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C (128 + SIGINT)
+TERMINATED_STATUS = 143  # ... and for SIGTERM (128 + SIGTERM), what schedulers send before SIGKILL
 
 
 def command_line(prog: str, argv: Sequence[str]) -> str:

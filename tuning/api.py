@@ -14,8 +14,9 @@ The same search as the command line (tuning/driver.py), for notebooks and script
 
 Bad input raises an exception (UsageError, ConfigError, SpaceError, DataError, UserCodeError, ...)
 whose message is the one line the command prints, before anything is written; a search that
-fails or is interrupted raises SearchError (Ctrl-C: KeyboardInterrupt) after saving what
-finished, and the same call with the same `name` resumes it.
+fails or is interrupted raises SearchError (Ctrl-C: KeyboardInterrupt; SIGTERM: SystemExit(143),
+as an unhandled SIGTERM would end the program) after saving what finished, and the same call with
+the same `name` resumes it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from trainable.cli import INTERRUPTED_STATUS, UsageError
+from trainable.cli import INTERRUPTED_STATUS, TERMINATED_STATUS, UsageError
 from trainable.config import TrainConfig
 from trainable.refs import UNNAMED, is_reference, reference_of
 from tuning import driver
@@ -103,6 +104,8 @@ def search(
         raise UsageError(str(exc)) from None
     if outcome.status == INTERRUPTED_STATUS:
         raise KeyboardInterrupt
+    if outcome.status == TERMINATED_STATUS:
+        raise SystemExit(TERMINATED_STATUS)
     if outcome.status != 0 or outcome.experiment is None:
         raise SearchError(f"the search did not finish (exit status {outcome.status}); what finished is kept in "
                            f"{Path(settings.results_dir) / settings.name}", outcome.experiment)

@@ -2,8 +2,8 @@
 tuning/search.py` and the Python API (`tuning.search`) all run.
 
     plan(...)     everything that can be checked before anything is written: settings, space,
-                  base configuration, references to the user's code, the cluster's address, the
-                  results folder; ends holding the experiment's lock
+                  base configuration, references to the user's code, the cluster's address and
+                  handshake, the results folder; ends holding the experiment's lock
     execute(...)  data loaded once (and the model tried on one batch of it), Ray started or joined,
                   the experiment folder written, the trials run, CSV files, confirmation, report,
                   summary; interruptions leave the experiment resumable
@@ -15,6 +15,7 @@ line); the driver prints the rest itself (the resume command, the summary).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import sys
 import tempfile
@@ -25,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainable.cli import INTERRUPTED_STATUS, UsageError
+from trainable.cli import UsageError
 from trainable.config import ConfigError, TrainConfig
 from trainable.data import Data, DataError, StreamedData, from_splits, load_dataset
-from trainable.fileio import atomic_write_text
+from trainable.fileio import atomic_write_text, write_error
 from trainable.models import DEFAULT_MODEL, ModelError, check_model_args, factory_of
 from trainable.refs import UNNAMED, BadReferenceError, UserCodeError, call_user, reference_of
 from tuning import interrupts
@@ -79,7 +80,7 @@ class Plan:
 
 @dataclass
 class Outcome:
-    status: int  # 0, 1 (failed, resumable), 130 (interrupted)
+    status: int  # 0, 1 (failed, resumable), 130 (Ctrl-C) or 143 (SIGTERM): interrupted, resumable
     experiment: Experiment | None
 
 
@@ -88,12 +89,14 @@ class Outcome:
 
 def plan(settings: SearchSettings, inputs: Inputs, *, prog: str = "hptune search") -> Plan:
     """Check everything that can be checked without the data, then lock results/<name>."""
-    from tuning.engine.cluster import cluster_address
+    from tuning.engine.cluster import check_join, cluster_address
 
     if settings.tensorboard and not tensorboard.available():
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     inputs = _named_code(inputs, cluster=settings.address is not None)
     address = cluster_address(settings.address) if settings.address else None  # before anything is written
+    if address:
+        check_join(address, settings.address)  # in seconds, where ray.init could retry for minutes
     if settings.warm_start:
         Experiment.load(settings.warm_start)  # an ExperimentError (exit 2) if it is not one
     space, base = inputs.space, inputs.base
@@ -312,6 +315,8 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
 
             paths["report"] = write_report(experiment, top=settings.top)
         except Exception as exc:  # noqa: BLE001 - the results are written; a drawing problem must not hide them
+            if write_error(exc) is not None:
+                raise  # a full disk is not a drawing problem: said below, as any failed write
             print(f"{prog}: warning: the report could not be drawn ({exc}); the CSV files are complete",
                   file=sys.stderr)
         experiment.mark("finished" if outcome == "finished" else "interrupted")
@@ -320,14 +325,24 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
         raise InputError(str(exc)) from None
     except KeyboardInterrupt:
         interrupt.handled()
-        experiment.mark("interrupted")
-        print(f"\nInterrupted. Finished trials are kept in {plan.folder}; resume with:\n  {meta['command']}",
-              file=sys.stderr)
-        return Outcome(INTERRUPTED_STATUS, experiment)
+        _mark(experiment, "interrupted")
+        if started_ray:  # the trials stop here; what they reported is in the journal
+            cluster.stop_ray()
+            started_ray = False
+        save_interrupted(experiment, settings, prog)
+        print(f"\nInterrupted ({interrupt.name}). Finished trials are kept in {plan.folder}; resume with:\n  "
+              f"{meta['command']}", file=sys.stderr, flush=True)
+        return Outcome(interrupt.status, experiment)
     except Exception as exc:  # noqa: BLE001 - keep the experiment resumable whatever went wrong
-        experiment.mark("interrupted")
+        _mark(experiment, "interrupted")
         log = _log_error(plan)
-        print(f"{prog}: error: {exc} (details in {log}). Finished trials are kept; resume with:\n  "
+        failed = write_error(exc)
+        if failed is not None:  # a full disk, a quota, a read-only disk: what to do about it, no traceback
+            print(f"{prog}: error: {write_failure_text(failed, plan.folder, log)}:\n  {meta['command']}",
+                  file=sys.stderr)
+            return Outcome(1, experiment)
+        details = f" (details in {log})" if log else ""
+        print(f"{prog}: error: {exc}{details}. Finished trials are kept; resume with:\n  "
               f"{meta['command']}", file=sys.stderr)
         return Outcome(1, experiment)
     finally:
@@ -346,20 +361,66 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
     return Outcome(0, experiment)
 
 
+def save_interrupted(experiment: Experiment, settings: SearchSettings, prog: str) -> None:
+    """The CSV files and the report of an interrupted search, its stopped trials shown as
+    interrupted; nothing if the folder was never written. Each is optional: the journal is the
+    record, and the next run writes them again."""
+    if not (experiment.folder / experiment_mod.EXPERIMENT).exists():
+        return
+    try:
+        export_mod.export(experiment.reload())
+        from tuning.results.report import write_report
+
+        write_report(experiment, top=settings.top)
+    except Exception as exc:  # noqa: BLE001 - the journal has everything; the resumed search writes them again
+        print(f"{prog}: warning: the CSV files or the report of the interrupted search could not be written ({exc})",
+              file=sys.stderr)
+
+
 class InputError(ValueError):
     """Bad input found once the search had begun (the data, the model on a batch): one line, exit 2."""
 
 
-def _log_error(plan: Plan) -> Path:
-    """The traceback in the experiment's error.log, where the folder exists."""
+def _log_error(plan: Plan) -> Path | None:
+    """The traceback in the experiment's error.log, where the folder exists and the disk has room
+    for it; None where it could not be written."""
     log = plan.folder / "error.log"
-    if plan.folder.exists():
-        details = traceback.format_exc()
-        exc = sys.exc_info()[1]
-        if isinstance(exc, UserCodeError) and exc.details:
-            details = exc.details
+    if not plan.folder.exists():
+        return None
+    details = traceback.format_exc()
+    exc = sys.exc_info()[1]
+    if isinstance(exc, UserCodeError) and exc.details:
+        details = exc.details
+    try:
         atomic_write_text(log, details)
+    except OSError:
+        return None
     return log
+
+
+def _mark(experiment: Experiment, status: str) -> None:
+    """experiment.mark, where the disk allows: if it cannot be written, experiment.json keeps
+    `running`, which the next search of the experiment overwrites (the lock, not the status, keeps
+    two searches apart)."""
+    try:
+        experiment.mark(status)
+    except OSError:
+        pass
+
+
+def write_failure_text(failed: OSError, folder: Path, log: Path | None) -> str:
+    """What a user is told when a write fails: which file, what the disk said, that nothing
+    finished is lost, and what to do before running the same command."""
+    where = failed.filename or folder
+    if failed.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk"
+    elif failed.errno == errno.EFBIG:
+        fix = "raise the file-size limit (ulimit -f)"
+    else:
+        fix = f"make {folder} writable again"
+    details = f"; the traceback is in {log}" if log else ""
+    return (f"cannot write {where}: {failed.strerror or failed}{details}. Nothing finished is lost: {fix} (or move "
+            f"{folder} to a disk with room and give its new parent as --results-dir), then run the same command")
 
 
 def confirm_best(experiment: Experiment, data: Data, n: int, model: Callable[..., Any] | None = None) -> Path:

@@ -35,11 +35,29 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.cli import INTERRUPTED_STATUS, OneLineParser, add_data_args, command_line, data_flags, fail, positive_int
+from trainable.cli import (
+    INTERRUPTED_STATUS,
+    TERMINATED_STATUS,
+    OneLineParser,
+    add_data_args,
+    command_line,
+    data_flags,
+    fail,
+    positive_int,
+)
 from trainable.fileio import atomic_write_text
 from tuning.results.experiment import Experiment, met
 
 PROG = "hptune compare"
+
+
+class SearchStopped(KeyboardInterrupt):
+    """A search stopped by Ctrl-C or SIGTERM (its exit status): compare stops too, with the same status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
 THRESHOLDS = (0.50, 0.55)
 RAY_TUTORIAL_SPACE = """\
 lr: {low: 1.0e-4, high: 1.0e-1, log: true}
@@ -104,8 +122,8 @@ def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) 
     if not (folder / "experiment.json").exists() or Experiment.load(folder).meta.get("status") != "finished":
         print(f"{strategy}, seed {seed} ...", flush=True)
         status = search(argv)
-        if status == INTERRUPTED_STATUS:
-            raise KeyboardInterrupt  # the search has kept what finished; main says how to go on
+        if status in (INTERRUPTED_STATUS, TERMINATED_STATUS):
+            raise SearchStopped(status)  # the search has kept what finished; main says how to go on
         if status != 0:
             raise RuntimeError(f"the {strategy} search with seed {seed} failed (exit {status})")
     return measure(Experiment.load(folder), strategy, seed)
@@ -217,11 +235,11 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                 curves.setdefault(strategy, []).append(progress(Experiment.load(folder)))
     except RuntimeError as exc:
         return fail(prog, str(exc), status=1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         command = command_line(prog, sys.argv[1:] if argv is None else argv)
         print(f"\nInterrupted. Finished searches are kept in {out / 'runs'}; the same command goes on from "
               f"them (an interrupted search resumes):\n  {command}", file=sys.stderr)
-        return INTERRUPTED_STATUS
+        return exc.status if isinstance(exc, SearchStopped) else INTERRUPTED_STATUS
     runs = pd.DataFrame(rows)
     summary = summarize(runs)
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))

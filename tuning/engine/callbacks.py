@@ -3,7 +3,11 @@ line on a terminal), keeps trials.csv / epochs.csv / best_config.yaml current an
 --tensorboard, writes each trial's metrics and hyperparameters for TensorBoard.
 
 Runs in the driver, so it sees results from every node of a cluster. An exception in a Tune
-callback would abort the whole search, so each hook logs its own failure and carries on.
+callback would abort the whole search, so each hook logs its own failure and carries on, except
+a write that fails (a full disk): a search that ran on would train what it cannot record, so that
+one ends the search (Tune stops the trials; the driver says how to go on). A trial that fails
+because its checkpoint cannot be written ends it the same way, instead of being retried into the
+same full disk and recorded as errored.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from optuna.distributions import distribution_to_json
 from ray import tune
 
 from trainable.config import TrainConfig
+from trainable.fileio import disk_error_in, write_error
 from trainable.fit import slow_epoch_text, slow_epochs
 from tuning.engine.searcher import BASELINE, CONTINUES, StudySearcher, hyperparameters
 from tuning.engine.trial import EXTRA, TRIAL_METRICS
@@ -40,7 +46,11 @@ def _guarded(hook: Callable) -> Callable:
     def wrapper(self: ExperimentCallback, *args: Any, **kwargs: Any) -> None:
         try:
             hook(self, *args, **kwargs)
-        except Exception:  # noqa: BLE001 - never let bookkeeping kill the search
+        except Exception as exc:  # noqa: BLE001 - never let bookkeeping kill the search ...
+            failed = write_error(exc)
+            if failed is not None:  # ... unless it can no longer be recorded (Tune passes on only its text)
+                self.failed_write = failed
+                raise
             print(f"hptune: {hook.__name__} failed (the search goes on):\n{traceback.format_exc()}", file=sys.stderr)
 
     return wrapper
@@ -78,6 +88,7 @@ class ExperimentCallback(tune.Callback):
         self.best: TrialRecord | None = experiment.best
         self.boards = TrialBoards(experiment.folder) if tensorboard else None
         self.line = LiveLine(self.samples, len(self.done_trials)) if output == LIVE else None
+        self.failed_write: OSError | None = None  # the write that ended the search, if one did
 
     @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -94,6 +105,10 @@ class ExperimentCallback(tune.Callback):
                 record["number"] = number
             if trial.config.get(BASELINE):
                 record["baseline"] = True
+            asked = self.searcher.asked.get(trial.trial_id)
+            if asked is not None:  # what Optuna holds of it, so a lost optuna.db can be rebuilt exactly
+                record["optuna"] = {"params": asked.params, "distributions": {
+                    k: distribution_to_json(d) for k, d in asked.distributions.items()}}
             self.journal.append("trial", **record)
         # what is shown, after what is recorded: a restart resumes from the trial's last checkpoint
         resumes_after = self.checkpoint_epochs.get(trial.trial_id) or self.checkpoint_epochs.get(continues or "", 0)
@@ -153,8 +168,13 @@ class ExperimentCallback(tune.Callback):
 
     @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _raise_if_disk_failed(trial)  # not the trial's fault: it continues from its checkpoint on resume
         self.journal.append("end", trial=trial.trial_id, error=_error_message(trial))
         self._ended(trial.trial_id)
+
+    @_guarded
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _raise_if_disk_failed(trial)  # a retry would meet the same full disk
 
     @_guarded
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -199,6 +219,15 @@ class ExperimentCallback(tune.Callback):
     def _show(self) -> None:
         if self.line is not None:
             self.line.show(self.line_state())
+
+
+def _raise_if_disk_failed(trial: Any) -> None:
+    """A trial that failed for want of space (or of a working disk) where its checkpoints go."""
+    path = getattr(trial, "error_file", None)
+    text = Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
+    failed = disk_error_in(text, filename=getattr(trial, "path", None))
+    if failed is not None:
+        raise failed
 
 
 def _error_message(trial: Any) -> str:

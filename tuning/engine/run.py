@@ -27,7 +27,7 @@ from tuning.results.experiment import Experiment
 from tuning.results.journal import TrialRecord
 from tuning.settings import Grace
 from tuning.space import AnySpace
-from tuning.study import make_sampler, open_study, release_stale_trials, warm_start
+from tuning.study import make_sampler, open_or_rebuild, release_stale_trials, warm_start
 
 # ASHA's last rung by epoch where the space does not say how many epochs a trial may run (a
 # define-by-run function): far beyond any trial, so no trial is stopped for reaching it
@@ -67,8 +67,9 @@ def run_trials(
     attempt = 1 + experiment.journal.attempts()
     # a resumed search must not replay the first attempt's random start-up samples
     sampler = make_sampler(settings.sampler, settings.seed if attempt == 1 else settings.seed * 1000 + attempt)
-    study = open_study(experiment.folder, experiment.name, "maximize" if settings.mode == "max" else "minimize",
-                       sampler)
+    study, rebuilt = open_or_rebuild(experiment, space, "maximize" if settings.mode == "max" else "minimize", sampler)
+    if rebuilt:  # the journal is the record; the study is what the sampler learns from, rebuilt from it
+        print(f"hptune: {rebuilt}", file=sys.stderr, flush=True)
     release_stale_trials(study)
     if attempt == 1 and settings.warm_start:
         added, skipped = warm_start(study, space, Experiment.load(settings.warm_start), settings.objective)
@@ -140,6 +141,10 @@ def run_trials(
     )
     try:
         tuner.fit()
+    except Exception as exc:
+        if callback.failed_write is not None:  # Tune hands on a callback's exception as text: the write, named
+            raise callback.failed_write from exc
+        raise
     finally:
         callback.close()
     experiment.reload()

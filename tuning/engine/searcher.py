@@ -30,7 +30,7 @@ from ray.tune.search import Searcher
 
 from tuning.objective import WORST, constraints
 from tuning.space import AnySpace, apply_params
-from tuning.study import add_finished, final_attrs
+from tuning.study import add_finished, final_attrs, fixed_values
 
 CONTINUES = "__continues__"  # config key: id of the interrupted trial this one continues
 BASELINE = "__baseline__"  # config key: this is the tutorial's configuration
@@ -84,7 +84,7 @@ class StudySearcher(Searcher):
         trial = self.asked.get(trial_id)
         if trial is not None:
             trial.set_user_attr("number", self.numbers[trial_id])
-            trial.set_user_attr("fixed", _fixed(self.configs[trial_id], config))
+            trial.set_user_attr("fixed", fixed_values(self.configs[trial_id], config))
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -144,14 +144,6 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         pass
-
-
-def _fixed(config: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
-    """The configuration's values the sampler did not choose (base and the space's fixed ones)."""
-    keys = ("lr", "batch_size", "epochs", "optimizer", "momentum", "weight_decay", "schedule", "seed", "model")
-    out = {k: config[k] for k in keys if k in config and k not in sampled}
-    out.update({f"model.{k}": v for k, v in (config.get("model_args") or {}).items() if f"model.{k}" not in sampled})
-    return out
 
 
 class ASHAKeepingBaseline(ASHAScheduler):

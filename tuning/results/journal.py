@@ -5,17 +5,19 @@ searcher state is pickled separately from the Optuna study, so after a hard kill
 `Tuner.restore` can find neither. Instead, the driver appends one JSON line per event to
 ``results/<name>/journal.jsonl`` the moment it happens (flushed and fsynced):
 
-    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}  (at its start)
+    {"event": "trial", "trial": id, "number": n, "params": {...}, "config": {...}, ...}  (at its start;
+        a trial the sampler proposed also has "optuna": its Optuna params and distributions, as JSON)
     {"event": "epoch", "trial": id, "epoch": 3, "train_loss": ..., "objective": ..., ...}
     {"event": "checkpoint", "trial": id, "epoch": 3, "path": ...}  (relative to the folder if in it)
     {"event": "end", "trial": id, "error": null | "message"}
 
 Reading it back gives every trial with its epochs, latest checkpoint and status. A line cut short
-by a kill is ignored. Nothing here imports Ray.
+by a kill is ignored (and the next record starts on a line of its own). Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trainable.fileio import writing
 
 JOURNAL = "journal.jsonl"
 
@@ -39,14 +43,30 @@ class Journal:
         self.path = Path(exp_dir) / JOURNAL
 
     def append(self, event: str, **fields: Any) -> None:
+        """One record, whole or not at all: a write that fails (a full disk) is taken back, and a
+        line a kill cut short is ended first, so it cannot swallow the next record. A failure is
+        a WriteError naming the journal."""
         if event == "checkpoint" and fields.get("path"):
             fields["path"] = self._relative(fields["path"])
         record = {"event": event, "time": time.time(), **fields}
-        line = json.dumps(_finite(record), allow_nan=False) + "\n"
-        with open(self.path, "a") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        data = (json.dumps(_finite(record), allow_nan=False) + "\n").encode()
+        with writing(self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                if start and os.pread(fd, 1, start - 1) != b"\n":
+                    data = b"\n" + data
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -122,6 +142,7 @@ class TrialRecord:
     started: float = 0.0
     finished_at: float | None = None
     aliases: list[str] = field(default_factory=list)  # Ray ids of the runs that continued it
+    optuna: dict[str, Any] | None = None  # {"params", "distributions"} of a trial the sampler proposed
 
     @property
     def last(self) -> dict[str, Any] | None:
@@ -167,6 +188,7 @@ def trials(records: list[dict[str, Any]]) -> list[TrialRecord]:
                 config=r["config"],
                 baseline=bool(r.get("baseline")),
                 started=r["time"],
+                optuna=r.get("optuna"),
             )
             continue
         trial = by_id.get(alias.get(r.get("trial", ""), r.get("trial", "")))
