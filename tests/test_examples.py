@@ -54,6 +54,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
     ("examples/ray_tutorial_cnn.py:net", "synthetic", "examples/ray_tutorial_cnn_space.yaml"),
     ("examples/tabular.py:model", "examples/tabular.py:data", "examples/tabular_space.yaml"),
 ], ids=["cnn-tutorial-space", "cnn-our-space", "tabular"])
+@pytest.mark.heavy  # three searches in processes of their own: the README's example runs in the default run
 def test_each_example_runs_as_a_smoke_test(tmp_path, model, data, space):
     run = subprocess.run([sys.executable, "tuning/search.py", "--smoke-test", "--model", model, "--data", data,
                           "--space", space, "--num-cpus", "2", "--results-dir", str(tmp_path), "--name", "smoke"],

@@ -136,6 +136,7 @@ def test_ray_trials_train_with_the_fused_step_in_their_own_processes(kernels, tm
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a whole search in a process of its own; the trainer's fallback is in the default run
 def test_a_search_without_a_compiler_says_so_once_and_trains_with_autocast(tmp_path):
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     run = subprocess.run([sys.executable, str(SEARCH), "--smoke-test", "--precision", "bf16", "--num-cpus", "2",

@@ -379,7 +379,8 @@ def fill(disk: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["checkpoints", pytest.param("records", marks=pytest.mark.heavy)])
+@pytest.mark.heavy  # two searches on a disk the test fills; the journal's own refusal is in the default run
+@pytest.mark.parametrize("what", ["checkpoints", "records"])
 def test_a_full_disk_is_one_line_exit_1_and_the_search_resumes_to_exactly_samples_trials(cli, tmp_path, small_disk,
                                                                                          what):
     """`checkpoints`: the whole experiment on the small disk, so a trial's checkpoint is what finds it
@@ -523,6 +524,7 @@ def test_a_broken_study_is_rebuilt_from_the_journal_as_it_was(cli, tmp_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # two searches; the rebuild itself, against the original study, is in the default run
 def test_a_search_with_a_broken_study_file_resumes_to_exactly_samples_trials(cli, tmp_path):
     argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
             "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
