@@ -177,6 +177,7 @@ def test_training_steps_reuse_memory_instead_of_faulting_in_new_pages(precision)
     if sum(control) > 300:  # the problem, reproduced: ours avoids it
         assert 4 * sum(ours) < sum(control), (control, ours)
 
+
 def test_a_stalled_epoch_is_named_with_its_slowdown():
     from trainable.fit import slow_epoch_text, slow_epochs
 
