@@ -105,6 +105,25 @@ def test_compare_runs_each_strategy_and_writes_the_table_and_figure(cli, tmp_pat
     assert status == 0 and "ours, seed 0 ..." not in stdout
 
 
+def test_a_resumed_search_is_timed_without_the_time_between_its_runs(tmp_path):
+    """compare's wall seconds are the time a search worked: one killed after its second epoch and
+    run again half an hour later must not look half an hour slower than one that ran through."""
+    import json
+
+    from tuning.commands.compare import progress
+    from tuning.results.experiment import Experiment
+
+    records = [("attempt", 0, {}), ("trial", 10, {"trial": "a"}),
+               ("epoch", 40, {"trial": "a", "test_accuracy": 0.3}), ("epoch", 70, {"trial": "a", "test_accuracy": 0.4}),
+               ("attempt", 1875, {}),  # the driver was killed at 70 s; the command ran again at 1875 s
+               ("epoch", 1910, {"trial": "a", "test_accuracy": 0.5}), ("end", 1911, {})]
+    (tmp_path / "journal.jsonl").write_text("".join(
+        json.dumps({"event": event, "time": 1.8e9 + t, **fields}) + "\n" for event, t, fields in records))
+    curve = progress(Experiment(tmp_path, {}))
+    assert curve["seconds"].tolist() == pytest.approx([30, 60, 95])
+    assert curve["best_test_accuracy"].tolist() == [0.3, 0.4, 0.5]
+
+
 @pytest.mark.heavy
 def test_ctrl_c_stops_compare_with_its_own_message_and_the_same_command_goes_on(cli, tmp_path):
     out = tmp_path / "compare"

@@ -131,13 +131,18 @@ def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) 
 
 def progress(experiment: Experiment) -> pd.DataFrame:
     """Every epoch of the search in the order it was reported: cumulative trial-epochs, seconds
-    since the first trial started, and the best test accuracy so far."""
-    starts = experiment.journal.times("trial")
-    epochs = experiment.journal.epochs()
+    since the first trial started (a resumed search's time between its runs left out), and the best
+    test accuracy so far."""
+    journal = experiment.journal
+    start, idle = min(journal.times("trial"), default=0.0), journal.idle_spans()
+
+    def working(until: float) -> float:
+        return until - start - sum(max(0.0, min(b, until) - max(a, start)) for a, b in idle)
+
     rows, best = [], 0.0
-    for i, r in enumerate(sorted(epochs, key=lambda r: r["time"]), start=1):
+    for i, r in enumerate(sorted(journal.epochs(), key=lambda r: r["time"]), start=1):
         best = max(best, r.get("test_accuracy") or 0.0)
-        rows.append({"trial_epochs": i, "seconds": r["time"] - min(starts), "best_test_accuracy": best})
+        rows.append({"trial_epochs": i, "seconds": working(r["time"]), "best_test_accuracy": best})
     return pd.DataFrame(rows, columns=["trial_epochs", "seconds", "best_test_accuracy"])
 
 

@@ -94,6 +94,17 @@ class Journal:
         from `since` on (a resumed search's own epochs)."""
         return [r for r in self.read() if r.get("event") == "epoch" and r["time"] >= since]
 
+    def idle_spans(self) -> list[tuple[float, float]]:
+        """When no run of the command was working on the experiment: from the last record one run
+        wrote to the start of the next (the driver killed, the machine down, the command not yet
+        run again)."""
+        spans, last = [], None
+        for record in self.read():
+            if record.get("event") == "attempt" and last is not None:
+                spans.append((last, record["time"]))
+            last = record["time"]
+        return spans
+
     def attempts(self) -> int:
         """How many runs of the command have worked on this experiment."""
         return len(self.times("attempt"))
