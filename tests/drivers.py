@@ -4,6 +4,7 @@ signal it, and never leave it (or the Ray it started) behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tuning.results.journal import Journal, trials
+
+
+def trial_lines(out: str) -> list[str]:
+    """The console's line per ended trial (`[  3/20] trial ...`), not the `[slow] trial N: ...` notes a
+    loaded machine adds when an epoch takes 3x its trial's first (speed decides those)."""
+    return [line for line in out.splitlines() if re.match(r"\[\s*\d+/\d+\] trial ", line)]
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from tests.drivers import trial_lines
 from trainable.config import TrainConfig
 from tuning.engine.hooks import HOLD_ENV
 from tuning.results.journal import Journal
@@ -62,7 +63,7 @@ def test_search_writes_consistent_outputs(cli, tmp_path):
     finished = trials[trials["status"] == "finished"]
     assert sorted(round(t.value, 6) for t in complete) == sorted(round(v, 6) for v in finished["objective"])
     # the console: one line per trial and a summary naming the files
-    assert sum(line.startswith("[") for line in out.splitlines()) == 4
+    assert len(trial_lines(out)) == 4
     assert "trials.csv" in out and "best_config.yaml" in out
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ensure_shared_ray
+from tests.drivers import trial_lines
 from tuning.search import main as search
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,7 @@ def searched(tmp_path_factory) -> dict:
 def test_not_a_terminal_gives_one_plain_line_per_trial_and_no_live_line(searched):
     out = searched["out"]
     assert "\r" not in out and "trials done |" not in out
-    assert sum(line.startswith("[") for line in out.splitlines()) == 6
+    assert len(trial_lines(out)) == 6
     assert "tensorboard:" in out  # the summary names the folder
 
 
@@ -101,7 +102,7 @@ def test_a_terminal_gets_the_live_line_with_the_time_left_and_the_trial_lines_ab
     assert any(" running | " in s and s.endswith(" left") for s in states), states  # an estimate was shown
     assert states[-1].startswith("3/3 trials done") and states[-1].endswith("all done")
     shown = [line.rstrip("\r").split("\r")[-1] for line in out.split("\n")]
-    assert sum(line.startswith("[") for line in shown) == 3  # the plain trial lines, kept above the live line
+    assert len(trial_lines("\n".join(shown))) == 3  # the plain trial lines, kept above the live line
     assert any(line.startswith("Search tty: 3 trials") for line in shown)
 
 
