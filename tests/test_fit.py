@@ -171,11 +171,14 @@ def test_training_steps_reuse_memory_instead_of_faulting_in_new_pages(precision)
 
     control, ours = faults_per_step("0"), faults_per_step("1")
     # measured over 5 runs each on the AMD box: control 660-3100 a step over the two epochs, ours
-    # 55-105; on the Intel box under load the control once faulted only 252 (glibc's threshold
-    # adapts to what the process did before), so the ratio is asserted where the problem shows
+    # 55-105, nearly all of it in epoch 1 (first touch of the activations). On the Intel box the
+    # control faulted [207, 2.6] under load and [262, 45] beside a CPU-burning neighbour, ours
+    # [89, 0.0]: glibc's threshold adapts to what the process did before, so the problem does not
+    # always show. What must hold everywhere is ours; the ratio is asserted where the problem shows
+    # in the second epoch, the steady state, where first touches are over.
     assert ours[1] < 50 and sum(ours) < 200, (control, ours)  # steps reuse memory
-    if sum(control) > 300:  # the problem, reproduced: ours avoids it
-        assert 4 * sum(ours) < sum(control), (control, ours)
+    if control[1] > 100:  # the problem, reproduced: ours avoids it
+        assert 4 * ours[1] < control[1], (control, ours)
 
 
 def test_a_stalled_epoch_is_named_with_its_slowdown():
