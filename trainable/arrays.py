@@ -86,7 +86,7 @@ from torch import nn
 
 from trainable import challenge
 from trainable.config import TrainConfig
-from trainable.fit import epoch_lr, epoch_seed, make_optimizer
+from trainable.fit import complete_metrics, epoch_lr, epoch_seed, make_optimizer
 from trainable.hardware import autocast_dtype, flush_denormals, keep_freed_memory, precision_label, select_device
 from trainable.loops import DIVERGENCE_CHECK_STEPS, autocast, to_unit
 from trainable.models import build_model, factory_of
@@ -714,10 +714,9 @@ class ArrayTrainer:
             "test_loss_se": test_loss_se,
             "epoch_seconds": seconds,  # the array's wall time, shared by its members
             "samples_per_second": self.train_y.shape[0] / train_seconds,  # this member's images, training only
-            "diverged": not (math.isfinite(train_loss) and math.isfinite(test_loss)),
         }
         history = self._histories[member]
-        metrics.update(challenge.verdict([*history, metrics], self.challenge_window, self.num_classes))
+        complete_metrics(metrics, history, self.challenge_window, self.num_classes)
         history.append(metrics)
         return metrics
 
