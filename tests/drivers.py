@@ -49,6 +49,29 @@ def wait_until_mid_search(exp: Path, proc: subprocess.Popen, ended: int = 2, tim
     raise AssertionError("the search did not get far enough in time")
 
 
+def job_processes(leader: int) -> list[int]:
+    """Every process of the session `leader` leads (a driver started by `running`, its watched search
+    process and the Ray they started), leader first: what Slurm's scancel or systemd signals."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state, ppid, pgrp, session, ...
+            if int(fields[3]) == leader:
+                found.append(int(entry))
+    return sorted(found, key=lambda pid: (pid != leader, pid))
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except OSError:
+        return None
+
+
 def signal_and_wait(proc: subprocess.Popen, sig: int, log: Path, timeout: float = 120) -> int:
     """Send `sig` (SIGINT to the whole group, as a terminal's Ctrl-C does) and return the exit status;
     if the driver does not exit, its output goes into the failure."""

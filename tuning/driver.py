@@ -32,7 +32,7 @@ from trainable.data import Data, DataError, StreamedData, from_splits, load_data
 from trainable.fileio import atomic_write_text, write_error
 from trainable.models import DEFAULT_MODEL, ModelError, check_model_args, factory_of
 from trainable.refs import UNNAMED, BadReferenceError, UserCodeError, call_user, reference_of
-from tuning import interrupts
+from tuning import interrupts, supervisor
 from tuning.results import experiment as experiment_mod
 from tuning.results import export as export_mod
 from tuning.results import tensorboard
@@ -446,6 +446,7 @@ def run(settings: SearchSettings, inputs: Inputs, *, prog: str) -> Outcome:
     """plan + execute, with Ctrl-C (and SIGTERM) delivered to the search until it has handled it."""
     started = time.time()
     the_plan = plan(settings, inputs, prog=prog)
+    supervisor.announce(the_plan.folder)
     try:
         with interrupts.delivered_until_handled() as interrupt:
             return execute(the_plan, started, interrupt)

@@ -9,14 +9,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tuning.commands.search import main as search
-
 PROG = "python tuning/search.py"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tuning.commands.search import main as search
+
     return search(argv, prog=PROG)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tuning import supervisor
+
+    sys.exit(supervisor.command(main, PROG))  # the search runs in a watched child process

@@ -46,6 +46,7 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -58,9 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hptune: error: unknown command {name!r} (commands: {', '.join(COMMANDS)}; see hptune --help)",
               file=sys.stderr)
         return USAGE_ERROR
-    module = importlib.import_module(COMMANDS[name][0])
+    prog = f"hptune {name}"
     try:
-        return module.main(argv[1:], prog=f"hptune {name}")
+        if name == "search" and from_command_line:  # the search runs in a watched child process
+            from tuning import supervisor
+
+            return supervisor.command(lambda: importlib.import_module(COMMANDS[name][0]).main(argv[1:], prog=prog),
+                                      prog)
+        return importlib.import_module(COMMANDS[name][0]).main(argv[1:], prog=prog)
     except BrokenPipeError:  # `hptune show ... | head`: the reader left; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
