@@ -254,11 +254,14 @@ def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.heavy)],
-                         ids=["SIGKILL", "Ctrl-C"])
-def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig, shared_ray):
+@pytest.mark.parametrize("sig, arrays", [(signal.SIGKILL, 0), pytest.param(signal.SIGINT, 0, marks=pytest.mark.heavy),
+                                         pytest.param(signal.SIGKILL, 3, marks=pytest.mark.heavy)],
+                         ids=["SIGKILL", "Ctrl-C", "SIGKILL-arrays"])
+def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig, arrays, shared_ray):
+    """With `arrays`, the trials train three at a time as one stack (--arrays 3), killed mid-array."""
     argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
-            "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+            "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline",
+            *(["--arrays", str(arrays)] if arrays else [])]
     exp = tmp_path / "results" / "r"
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -277,6 +280,16 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
     assert status == 0, err
     assert f"Resuming r: {len(before)} trials done" in out
     check_resumed(exp, before, checkpointed, samples=6)
+    if arrays:
+        epochs = pd.read_csv(exp / "epochs.csv")
+        assert epochs["array_members"].max() >= 2  # trained as arrays, before and after the kill
+        study = optuna.load_study(study_name="r", storage=f"sqlite:///{exp / 'optuna.db'}")
+        # study, journal and trials.csv agree; a trial the kill cut short stays in the study as FAIL
+        # (release_stale_trials), its continuation is a trial of its own there
+        ended = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.PRUNED)]
+        assert len(ended) == len(trials(Journal(exp).read())) == 6
+        assert len(study.trials) - len(ended) == len(checkpointed)
 
 
 # What a scheduler gives a job between SIGTERM and SIGKILL: Kubernetes' default

@@ -73,6 +73,7 @@ class SearchSettings:
     cpus_per_trial: float = 1.0  # torch threads follow (whole CPUs)
     gpus_per_trial: float | None = None  # None: 0.25 where the cluster has a GPU, else 0
     max_concurrent: int | None = None  # None: as resources allow
+    arrays: int = 0  # K > 1: trials train K at a time as one stacked model (tuning/engine/arrays.py)
     max_failures: int = 2  # retries of a trial that raises, from its last checkpoint
     num_cpus: int | None = None  # local cluster only
     num_gpus: int | None = None  # local cluster only
@@ -124,6 +125,8 @@ class SearchSettings:
             raise UsageError("--quiet and --verbose contradict each other; choose one")
         if self.max_failures < 0 or self.confirm_seeds < 0 or self.top < 1:
             raise UsageError("max_failures and confirm_seeds must be >= 0, top >= 1")
+        if self.arrays < 0 or self.arrays > 1024:
+            raise UsageError(f"--arrays must be 0 (off) to 1024 members, got {self.arrays}")
         if self.data_memory < 0:
             raise UsageError(f"--data-memory must be >= 0, got {self.data_memory}")
 

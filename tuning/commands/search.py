@@ -118,6 +118,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    "(default 0.25 when the cluster has a GPU, so four trials share one; else 0)")
     r.add_argument("--max-concurrent", type=positive_int, metavar="N",
                    help="at most this many trials at once (default: as resources allow)")
+    r.add_argument("--arrays", type=non_negative_int, default=0, metavar="K",
+                   help="train K trials at a time as one stacked model on one device (each still a trial of its "
+                        "own); off by default: measured slower than separate trials on CPUs, not yet measured on GPUs")
     r.add_argument("--max-failures", type=non_negative_int, default=2, metavar="N",
                    help="retries of a trial that raises, from its last checkpoint (default 2)")
     r.add_argument("--num-cpus", type=positive_int, metavar="N",
@@ -173,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,
+        arrays=args.arrays,
         max_failures=args.max_failures,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,

@@ -18,6 +18,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from trainable.config import TrainConfig
 from trainable.data import Data
+from tuning.engine.arrays import start_server, why_not
 from tuning.engine.callbacks import LINES, LIVE, QUIET, ExperimentCallback
 from tuning.engine.hooks import Hooks
 from tuning.engine.searcher import ASHAKeepingBaseline, StudySearcher
@@ -90,10 +91,21 @@ def run_trials(
         scheduler = FIFOScheduler()
     else:
         scheduler = make_asha(settings.grace, settings.reduction_factor, max_epochs)
+    resources = {"cpu": res["cpu"], "gpu": res["gpu"]}
+    server, max_concurrent = None, settings.max_concurrent
+    if settings.arrays > 1:
+        reason = why_not(data, base.loop or code.loop, base, code.model)
+        if reason:
+            print(f"hptune: note: --arrays {settings.arrays}: {reason}, so trials train separately", file=sys.stderr,
+                  flush=True)
+        else:  # the server holds the device; a member's trial only waits for it
+            server = start_server(data, settings.arrays, res, settings.challenge_window, code.model)
+            resources = {"cpu": res["cluster_cpus"] / settings.arrays, "gpu": 0.0}
+            max_concurrent = min(settings.max_concurrent or settings.arrays, settings.arrays)
     # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
-    slots = res["cluster_cpus"] / res["cpu"]
-    if res["gpu"] > 0:
-        slots = min(slots, res["cluster_gpus"] / res["gpu"])
+    slots = res["cluster_cpus"] / resources["cpu"]
+    if resources["gpu"] > 0:
+        slots = min(slots, res["cluster_gpus"] / resources["gpu"])
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(1, int(slots)))
     setup = TrialSetup(
         base=base.to_dict(),
@@ -104,16 +116,17 @@ def run_trials(
         checkpoints={t.trial: t.checkpoint for t in pending if t.checkpoint},
         hooks=Hooks.from_environment(),
         code=code,
+        array_server=server,
     )
     trainable = tune.with_parameters(train_trial, data=data, setup=setup)
-    trainable = tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
+    trainable = tune.with_resources(trainable, resources)
     experiment.journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
     callback = ExperimentCallback(
         experiment,
         base=base,
         searcher=searcher,
         output=QUIET if settings.quiet else LIVE if sys.stdout.isatty() and not settings.verbose else LINES,
-        slots=min(slots, settings.max_concurrent or slots),
+        slots=min(slots, max_concurrent or slots),
         tensorboard=settings.tensorboard,
     )
     tuner = tune.Tuner(
@@ -124,7 +137,7 @@ def run_trials(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=num_samples,
-            max_concurrent_trials=settings.max_concurrent,
+            max_concurrent_trials=max_concurrent,
             time_budget_s=settings.time_budget,
             reuse_actors=True,
         ),

@@ -168,6 +168,9 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise ExperimentError(f"{path}: unreadable ({exc})") from None
 
 
+CLAIM_WAIT_SECONDS = 5.0
+
+
 @dataclass
 class Claim:
     """A search's hold on results/<name>: the lock, and what it found there."""
@@ -191,7 +194,9 @@ def claim(results: Path, name: str, *, restart: bool) -> Claim:
     folder = results / name
     lock = FileLock(str(results / f".{name}.lock"))
     try:
-        lock.acquire(timeout=0)
+        # a search killed a moment ago may still hold it: its process ends a little after the
+        # command's own (tuning/supervisor.py), as its memory is freed
+        lock.acquire(timeout=CLAIM_WAIT_SECONDS)
     except Timeout:
         raise ExperimentError(f"another search is running experiment {folder} right now") from None
     try:
