@@ -106,7 +106,7 @@ class ArrayServer:
                 trainer = ArrayTrainer(configs, *self.tensors, input_shape=self.input_shape,
                                        num_classes=self.num_classes, device=self.device,
                                        challenge_window=self.challenge_window,
-                                       build=self._build if self.model is not None else None)
+                                       build=_builder(self.model, self.input_shape, self.num_classes))
                 for i, t in enumerate(tickets):
                     if batch[t][2] is not None:
                         trainer.load_member_state(i, batch[t][2])
@@ -122,11 +122,6 @@ class ArrayServer:
                     done[t] = exc
         return done
 
-    def _build(self, config: TrainConfig) -> torch.nn.Module:
-        from trainable.models import build_model
-
-        return build_model(self.model, config.model_args, self.input_shape, self.num_classes)
-
     def trained_together(self) -> list[dict[str, Any]]:
         return list(self.rounds)
 
@@ -136,6 +131,15 @@ class ArrayServer:
 
 def _last_epoch(metrics: dict[str, Any], config: TrainConfig) -> bool:
     return metrics["epoch"] >= config.epochs or bool(metrics.get("diverged"))
+
+
+def _builder(model: Any, input_shape: Any, num_classes: int) -> Any:
+    """ArrayTrainer's `build` for a model factory given as a callable; None: the configuration names it."""
+    if model is None:
+        return None
+    from trainable.models import build_model
+
+    return lambda config: build_model(model, config.model_args, input_shape, num_classes)
 
 
 def _on_cpu(value: Any) -> Any:
@@ -162,12 +166,11 @@ def why_not(data: Any, loop: Any, base: TrainConfig, model: Any = None) -> str |
     if not all(hasattr(data, name) for name in ("train_inputs", "train_labels", "test_inputs", "test_labels")):
         return "the data set is streamed from its Dataset, not held as tensors"
     from trainable.arrays import ArrayTrainer
-    from trainable.models import build_model
 
     n = 2 * base.batch_size
     tensors = [torch.from_numpy(a[:n]) for a in (data.train_inputs, data.train_labels, data.test_inputs,
                                                  data.test_labels)]
-    build = (lambda config: build_model(model, config.model_args, data.input_shape, data.num_classes)) if model else None
+    build = _builder(model, data.input_shape, data.num_classes)
     try:
         ArrayTrainer([base.with_updates(epochs=1), base.with_updates(epochs=1, seed=base.seed + 1)], *tensors,
                      input_shape=data.input_shape, num_classes=data.num_classes, device="cpu", build=build).run_epoch()
