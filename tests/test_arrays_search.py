@@ -44,10 +44,36 @@ def counts_agree(folder, samples: int) -> None:
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
-def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(cli, tmp_path):
-    status, out, err = run(cli, tmp_path, "arrays", SHARED_SPACE, "--samples", "5", "--no-early-stop", "--arrays", "4")
+# A user's model that the batched matmuls do not know (Tanh), so its array runs under torch.vmap;
+# its width a model hyperparameter, so members of other widths train in arrays of their own.
+USER = """
+import torch
+from torch import nn
+
+
+def tanh_net(input_shape, num_classes, width=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.Tanh(), nn.Linear(width, num_classes))
+
+
+def splits(n=1200):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long() + 2 * (x[:, 2] > 0).long()
+    return (x[: n - 200], y[: n - 200]), (x[n - 200 :], y[n - 200 :])
+"""
+USER_SPACE = SHARED_SPACE.replace("batch_size: [128]", "batch_size: [32]") + "model.width: [16, 32]\n"
+
+
+@pytest.mark.parametrize("model", ["mlp", "own-model"])
+def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(cli, tmp_path, model):
+    space, extra = SHARED_SPACE, []
+    if model == "own-model":
+        (tmp_path / "user.py").write_text(USER)
+        space, extra = USER_SPACE, ["--model", f"{tmp_path / 'user.py'}:tanh_net", "--data",
+                                    f"{tmp_path / 'user.py'}:splits"]
+    status, out, err = run(cli, tmp_path, "arrays", space, "--samples", "5", "--no-early-stop", "--arrays", "4", *extra)
     assert status == 0, err
-    status, _, err = run(cli, tmp_path, "separate", SHARED_SPACE, "--samples", "5", "--no-early-stop")
+    status, _, err = run(cli, tmp_path, "separate", space, "--samples", "5", "--no-early-stop", *extra)
     assert status == 0, err
     together = pd.read_csv(tmp_path / "results" / "arrays" / "epochs.csv")
     alone = pd.read_csv(tmp_path / "results" / "separate" / "epochs.csv")
@@ -57,8 +83,13 @@ def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(
         counts_agree(tmp_path / "results" / folder, 5)
     rows = {name: pd.read_csv(tmp_path / "results" / name / "trials.csv").set_index("number")
             for name in ("arrays", "separate")}
-    columns = ["lr", "optimizer", "momentum", "status", "epochs_run"]
+    columns = ["lr", "optimizer", "momentum", "status", "epochs_run", *(["model.width"] if extra else [])]
     pd.testing.assert_frame_equal(rows["arrays"][columns], rows["separate"][columns])  # same trials, same ends
+    if extra:  # members of different widths never share a stack
+        widths = rows["arrays"]["model.width"]
+        shares = together.assign(width=together["number"].map(widths)).groupby(["epoch", "width"])["number"].count()
+        assert (together.assign(width=together["number"].map(widths)).apply(
+            lambda r: r["array_members"] <= shares[(r["epoch"], r["width"])], axis=1)).all()
     merged = together.merge(alone, on=["number", "epoch"], suffixes=("_array", "_alone"))
     assert len(merged) == len(together) == len(alone) == 15
     for metric in ("train_loss", "test_loss", "test_accuracy"):  # fp32: the same numbers up to summation order
