@@ -72,12 +72,32 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
+def wait_for_job_end(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until every process of the driver's job is gone: after a SIGKILL to the command, its search
+    process (killed with it) and Ray's are freed a moment later, and hold the experiment until then."""
+    deadline = time.time() + timeout
+    while [pid for pid in job_processes(proc.pid) if _alive(pid)]:
+        if time.time() > deadline:
+            raise AssertionError(f"processes of the killed search still running after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"  # a zombie is gone
+    except OSError:
+        return False
+
+
 def signal_and_wait(proc: subprocess.Popen, sig: int, log: Path, timeout: float = 120) -> int:
     """Send `sig` (SIGINT to the whole group, as a terminal's Ctrl-C does) and return the exit status;
     if the driver does not exit, its output goes into the failure."""
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     try:
-        return proc.wait(timeout=timeout)
+        status = proc.wait(timeout=timeout)
+        if sig == signal.SIGKILL:
+            wait_for_job_end(proc)
+        return status
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the driver did not exit within {timeout:.0f} s of the signal; its output:\n"
                              + log.read_text()[-4000:]) from None
