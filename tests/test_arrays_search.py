@@ -64,7 +64,7 @@ def splits(n=1200):
 USER_SPACE = SHARED_SPACE.replace("batch_size: [128]", "batch_size: [32]") + "model.width: [16, 32]\n"
 
 
-@pytest.mark.parametrize("model", ["mlp", "own-model"])
+@pytest.mark.parametrize("model", ["mlp", pytest.param("own-model", marks=pytest.mark.heavy)])
 def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(cli, tmp_path, model):
     space, extra = SHARED_SPACE, []
     if model == "own-model":
@@ -121,6 +121,7 @@ def test_asha_and_the_stall_rule_take_members_out_of_the_array(cli, tmp_path):
     assert len(pruned) == len(hopeless)
 
 
+@pytest.mark.heavy
 def test_arrays_fall_back_to_separate_trials_where_they_cannot_apply_and_say_so(cli, tmp_path):
     loop = tmp_path / "loop.py"
     loop.write_text("def train(config, data, report):\n"
