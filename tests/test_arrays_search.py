@@ -4,6 +4,8 @@ rule, resumed after SIGKILL (that test is test_reliability.py's, with arrays).""
 
 from __future__ import annotations
 
+import re
+
 import optuna
 import pandas as pd
 import pytest
@@ -133,3 +135,18 @@ def test_arrays_fall_back_to_separate_trials_where_they_cannot_apply_and_say_so(
     notes = [line for line in err.splitlines() if "--arrays 2" in line]
     assert len(notes) == 1 and "training loop of your own" in notes[0], err
     counts_agree(tmp_path / "results" / "own", 2)
+
+
+@pytest.mark.heavy
+def test_bench_search_compares_arrays_with_separate_trials_in_one_run(capsys):
+    from tuning.commands.bench import main as bench_search
+
+    status = bench_search(["--data", "synthetic", "--samples", "3", "--epochs", "2", "--batch-size", "128",
+                           "--num-cpus", "2", "--arrays", "3"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    rows = re.findall(r"^  (separate trials|arrays of 3) +([\d.]+) trials/s +([\d.]+) trial-epochs/s +[\d.]+ s +"
+                      r"([\d.]+)x$", out, re.MULTILINE)
+    assert [row[0] for row in rows] == ["separate trials", "arrays of 3"], out
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), out
+    assert rows[0][3] == "1.00" and float(rows[1][3]) > 0, out

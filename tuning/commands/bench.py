@@ -8,6 +8,12 @@ used, up to the last trial's end, and up to the search's return (CSV files and r
 Ray shut down).
 
     hptune bench-search --data data/cifar10-jpeg              # 12 trials x 8 epochs, batch 256
+
+With `--arrays K [K ...]` it runs the same search again with trial arrays of each K (`--arrays`
+of `hptune search`) and prints, for each, trials and trial-epochs per second from the call to the
+last trial's end, and the ratio against separate trials, all measured in the one run:
+
+    hptune bench-search --data data/cifar10-jpeg --batch-size 128 --arrays 4 16 64
 """
 
 from __future__ import annotations
@@ -35,33 +41,49 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per step (default 256)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="N", help="CPUs per trial (default 1)")
     p.add_argument("--num-cpus", type=positive_int, metavar="N", help="CPUs for the local Ray (default: all)")
+    p.add_argument("--arrays", type=positive_int, nargs="+", metavar="K",
+                   help="also run the search with trial arrays of K members, for each K, and compare")
     return p
+
+
+def run_search(args: argparse.Namespace, folder: str, name: str, arrays: int = 0) -> tuple[list, float, float]:
+    """One search of the bench's fixed space: its trials, seconds to the last trial's end, and to its return."""
+    space = Path(folder) / "space.yaml"
+    # Fixed work per trial, so every run of the bench measures the same thing.
+    space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\n"
+                     f"epochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
+    argv_search = [*data_flags(args), "--results-dir", folder, "--name", name, "--samples", str(args.samples),
+                   "--space", str(space), "--no-baseline", "--no-early-stop",
+                   "--cpus-per-trial", str(args.cpus_per_trial), *(["--arrays", str(arrays)] if arrays else [])]
+    if args.num_cpus:
+        argv_search += ["--num-cpus", str(args.num_cpus)]
+    start = time.time()
+    status = search(argv_search)
+    wall = time.time() - start
+    if status != 0:
+        raise SearchFailedError(status)
+    journal = Journal(Path(folder) / name)
+    return trials(journal.read()), max(journal.times("end")) - start, wall
+
+
+class SearchFailedError(RuntimeError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the search failed (exit {status})")
+        self.status = status
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        space = Path(folder) / "space.yaml"
-        # Fixed work per trial, so every run of the bench measures the same thing.
-        space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\n"
-                         f"epochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
-        argv_search = [*data_flags(args), "--results-dir", folder, "--name", "bench", "--samples", str(args.samples),
-                       "--space", str(space), "--no-baseline", "--no-early-stop",
-                       "--cpus-per-trial", str(args.cpus_per_trial)]
-        if args.num_cpus:
-            argv_search += ["--num-cpus", str(args.num_cpus)]
-        import os
+    import os
 
-        cpus = args.num_cpus or os.cpu_count() or 1
-        start = time.time()
-        status = search(argv_search)
-        wall = time.time() - start
-        if status != 0:
-            print(f"{prog}: the search failed (exit {status})", file=sys.stderr)
-            return status
-        journal = Journal(Path(folder) / "bench")
-        records = trials(journal.read())
-        trained = max(journal.times("end")) - start
+    cpus = args.num_cpus or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            records, trained, wall = run_search(args, folder, "bench")
+            compared = {k: run_search(args, folder, f"arrays-{k}", k) for k in args.arrays or []}
+        except SearchFailedError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return exc.status
     threads = max(1, math.floor(args.cpus_per_trial))
     busy = sum(m["epoch_seconds"] for t in records for m in t.epochs) * threads
     epochs = sum(len(t.epochs) for t in records)
@@ -72,6 +94,14 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
           f"-> {100 * busy / (trained * cpus):.1f}% training")
     print(f"... and to the report written, Ray shut down:  {wall:7.1f} s wall = {wall * cpus:7.1f} CPU-seconds -> "
           f"{100 * busy / (wall * cpus):.1f}% training")
+    if compared:
+        print("\nfrom the call to the last trial's end:")
+        rows = [("separate trials", records, trained)] + [(f"arrays of {k}", r, t) for k, (r, t, _) in compared.items()]
+        base = epochs / trained
+        for label, runs, seconds in rows:
+            done = sum(len(t.epochs) for t in runs)
+            print(f"  {label:<16} {len(runs) / seconds:7.3f} trials/s  {done / seconds:7.3f} trial-epochs/s  "
+                  f"{seconds:7.1f} s  {done / seconds / base:5.2f}x")
     return 0
 
 
