@@ -57,3 +57,22 @@ def test_bench_on_the_gpu_times_both_pipelines_there_and_names_the_gpu():
     expected = "bf16" if (major, minor) >= (8, 0) else "fp32"
     assert f"ours (tensor-resident, auto = {expected})" in run.stdout
     assert re.search(r"speed-up of ours \(default precision\) over the tutorial: [\d.]+x", run.stdout)
+
+
+@pytest.mark.slow
+def test_an_array_search_trains_its_members_together_on_the_gpu(cli, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 3.0e-3, high: 3.0e-2, log: true}\nbatch_size: [128]\nepochs: 3\n"
+                     "optimizer: [sgd, nesterov]\nmomentum: {low: 0.5, high: 0.9}\n")
+    status, _, err = cli(
+        search,
+        ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "gpu-arrays",
+         "--num-cpus", "2", "--num-gpus", "1", "--arrays", "4", "--samples", "5", "--no-baseline",
+         "--no-early-stop", "--sampler", "random", "--space", str(space)],
+    )
+    assert status == 0, err
+    records = Journal(tmp_path / "results" / "gpu-arrays").read()
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len({r["trial"] for r in epochs}) == 5 and len(epochs) == 15
+    assert {r["data_device"] for r in epochs} == {"cuda"}  # the ArrayServer holds the GPU
+    assert max(r["array_members"] for r in epochs) >= 2
