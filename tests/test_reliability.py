@@ -401,6 +401,36 @@ def test_a_search_whose_ray_dies_under_it_says_so_and_resumes_to_exactly_samples
     check_resumed(exp, before, checkpointed, samples=4)
 
 
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_ctrl_z_pauses_the_whole_search_and_fg_continues_it(tmp_path):
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "z", "--num-cpus", "2",
+            "--samples", "3", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
+    exp = tmp_path / "results" / "z"
+    log = tmp_path / "run.log"
+    with running(log, [SEARCH, *argv]) as proc:
+        while not any(r["event"] == "epoch" for r in Journal(exp).read()):  # training
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        (search_process,) = [pid for pid in job_processes(proc.pid) if parent_of(pid) == proc.pid]
+        proc.send_signal(signal.SIGTSTP)  # what a terminal sends its foreground group on Ctrl-Z
+        deadline = time.monotonic() + 60
+        while not (process_state(proc.pid) == "T" and process_state(search_process) == "T"):
+            assert time.monotonic() < deadline, "Ctrl-Z did not stop the command and its search"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGCONT)  # fg
+        while process_state(search_process) == "T":
+            assert time.monotonic() < deadline, "the search stayed stopped after SIGCONT"
+            time.sleep(0.05)
+        status = proc.wait(timeout=600)
+    assert status == 0, log.read_text()
+    assert len(pd.read_csv(exp / "trials.csv")) == 3
+
+
 # --- a full disk: one line, exit 1, resumable ------------------------------------------------------
 
 

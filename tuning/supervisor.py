@@ -11,7 +11,8 @@ the user was told nothing.
 The parent imports neither Ray nor torch. It starts the same command again with
 $HPTUNE_SUPERVISED set (the child runs the search as before), in a process group of its own so
 that a terminal's Ctrl-C or a signal to the parent's group reaches the search once, through the
-parent, which passes on SIGINT and SIGTERM. The child dies with the parent (PR_SET_PDEATHSIG): a
+parent, which passes on SIGINT and SIGTERM (and Ctrl-Z: SIGTSTP stops the search's group and the
+parent, SIGCONT continues both). The child dies with the parent (PR_SET_PDEATHSIG): a
 SIGKILL to the parent ends the search as a SIGKILL to the search itself always has. When the child
 ends and its experiment still says `running`, the parent does what the search would have done:
 marks it interrupted, writes the CSV files and the report from the journal, and prints the resume
@@ -89,7 +90,15 @@ def supervised(prog: str) -> int | None:
         if child is not None and child.poll() is None:
             os.kill(child.pid, signum)
 
+    def pause(signum: int, frame: object) -> None:  # Ctrl-Z: the search's whole group stops with this process
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)  # here until SIGCONT (`fg`, `bg`, kill -CONT)
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGCONT)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, pause)
     try:
         try:
             child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], pass_fds=(told_w,), process_group=0,
