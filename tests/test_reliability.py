@@ -253,33 +253,55 @@ def check_resumed(exp: Path, before: dict[str, list], checkpointed: dict[str, in
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+def held_search(tmp_path: Path, name: str, samples: int = 4) -> tuple[list[str], Path, Path, dict[str, str]]:
+    """A search to interrupt: its argv, folder, log file and environment. Two trials run to their end;
+    every later one waits after its epoch 3 (checkpointed), so the search is mid-way when the fault
+    comes however fast or slow the machine is."""
+    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", name, "--num-cpus", "2",
+            "--samples", str(samples), "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop",
+            "--no-baseline"]
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    return argv, tmp_path / "results" / name, tmp_path / "first-run.log", {HOLD_ENV: f"3:2:{markers}"}
+
+
+def resume_to_exactly(cli, argv: list[str], exp: Path, samples: int) -> dict[str, list]:
+    """The same command, run again on the interrupted experiment: exactly `samples` trials, the
+    finished ones kept as they were, the cut ones continued (check_resumed); the finished trials."""
+    before, checkpointed = snapshot(exp)
+    assert 2 <= len(before) < samples
+    status, out, err = cli(search, argv)
+    assert status == 0, err
+    assert f"Resuming {exp.name}: {len(before)} trials done" in out
+    check_resumed(exp, before, checkpointed, samples=samples)
+    return checkpointed
+
+
+def saved_as_interrupted(output: str, exp: Path) -> None:
+    """What an interrupted search leaves: the resume command, no traceback, `interrupted` in
+    experiment.json and trials.csv, the report."""
+    assert "resume with:" in output and f"--name {exp.name}" in output and "Traceback" not in output, output
+    assert json.loads((exp / "experiment.json").read_text())["status"] == "interrupted"
+    table = pd.read_csv(exp / "trials.csv")  # written after the trials were stopped
+    assert "interrupted" in set(table["status"]) and "running" not in set(table["status"]), table
+    assert (exp / "report" / "index.html").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, arrays", [(signal.SIGKILL, 0), pytest.param(signal.SIGINT, 0, marks=pytest.mark.heavy),
                                          pytest.param(signal.SIGKILL, 3, marks=pytest.mark.heavy)],
                          ids=["SIGKILL", "Ctrl-C", "SIGKILL-arrays"])
 def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig, arrays, shared_ray):
     """With `arrays`, the trials train three at a time as one stack (--arrays 3), killed mid-array."""
-    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "r", "--num-cpus", "2",
-            "--samples", "6", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline",
-            *(["--arrays", str(arrays)] if arrays else [])]
-    exp = tmp_path / "results" / "r"
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    # Two trials run to their end; every later one waits after its epoch 3 (checkpointed), so the
-    # search is mid-way when the signal comes however fast or slow the machine is.
-    log = tmp_path / "first-run.log"
-    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+    argv, exp, log, hold = held_search(tmp_path, "r", samples=6)
+    argv += ["--arrays", str(arrays)] if arrays else []
+    with running(log, [SEARCH, *argv], env=hold) as proc:
         wait_until_mid_search(exp, proc)
         status = signal_and_wait(proc, sig, log)
     if sig == signal.SIGINT:
         output = log.read_text()
         assert status == 130 and "resume with:" in output and "--name r" in output, output
-    before, checkpointed = snapshot(exp)
-    assert 2 <= len(before) < 6
-    status, out, err = cli(search, argv)
-    assert status == 0, err
-    assert f"Resuming r: {len(before)} trials done" in out
-    check_resumed(exp, before, checkpointed, samples=6)
+    checkpointed = resume_to_exactly(cli, argv, exp, 6)
     if arrays:
         epochs = pd.read_csv(exp / "epochs.csv")
         assert epochs["array_members"].max() >= 2  # trained as arrays, before and after the kill
@@ -331,13 +353,8 @@ def terminate_as_a_scheduler_does(proc: subprocess.Popen, log: Path, whom: str, 
                                          pytest.param("driver", True, marks=pytest.mark.heavy)],
                          ids=["driver", "every-process", "twice"])
 def test_sigterm_saves_the_search_within_a_schedulers_grace_period(cli, capsys, tmp_path, whom, twice):
-    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "t", "--num-cpus", "2",
-            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
-    exp = tmp_path / "results" / "t"
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    log = tmp_path / "first-run.log"
-    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+    argv, exp, log, hold = held_search(tmp_path, "t")
+    with running(log, [SEARCH, *argv], env=hold) as proc:
         wait_until_mid_search(exp, proc)
         status, took = terminate_as_a_scheduler_does(proc, log, whom, twice, exp)
     output = log.read_text()
@@ -345,19 +362,10 @@ def test_sigterm_saves_the_search_within_a_schedulers_grace_period(cli, capsys, 
         print(f"\nSIGTERM to the {whom}{' twice' if twice else ''}: exit status {status} after {took:.1f} s")
     if not twice:
         assert status == 143, output
-        assert "resume with:" in output and "--name t" in output and "Traceback" not in output, output
-        assert json.loads((exp / "experiment.json").read_text())["status"] == "interrupted"
-        table = pd.read_csv(exp / "trials.csv")  # written after the trials were stopped
-        assert "interrupted" in set(table["status"]) and "running" not in set(table["status"]), table
-        assert (exp / "report" / "index.html").exists()
+        saved_as_interrupted(output, exp)
     else:  # the second SIGTERM ends it at once, or it had already saved everything
         assert status in (143, -signal.SIGTERM), output
-    before, checkpointed = snapshot(exp)
-    assert 2 <= len(before) < 4
-    status, out, err = cli(search, argv)
-    assert status == 0, err
-    assert f"Resuming t: {len(before)} trials done" in out
-    check_resumed(exp, before, checkpointed, samples=4)
+    resume_to_exactly(cli, argv, exp, 4)
 
 
 @pytest.mark.slow
@@ -366,13 +374,8 @@ def test_a_search_whose_ray_dies_under_it_says_so_and_resumes_to_exactly_samples
     object store go (killed for memory; or a signal to every process of the job that reached them
     first): the process watching the search marks the experiment interrupted, writes its files,
     says so in one line, and the same command finishes it."""
-    argv = ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "lost", "--num-cpus", "2",
-            "--samples", "4", "--space", write(tmp_path, "s.yaml", LONG_SPACE), "--no-early-stop", "--no-baseline"]
-    exp = tmp_path / "results" / "lost"
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    log = tmp_path / "first-run.log"
-    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:2:{markers}"}) as proc:
+    argv, exp, log, hold = held_search(tmp_path, "lost")
+    with running(log, [SEARCH, *argv], env=hold) as proc:
         wait_until_mid_search(exp, proc)
         job = job_processes(proc.pid)
         search_process = [pid for pid in job if parent_of(pid) == proc.pid]
@@ -389,16 +392,8 @@ def test_a_search_whose_ray_dies_under_it_says_so_and_resumes_to_exactly_samples
     assert status == 1, output
     errors = [line for line in output.splitlines() if "error:" in line]
     assert len(errors) == 1 and "ended abruptly" in errors[0] and str(exp) in errors[0], output
-    assert "resume with:" in output and "--name lost" in output and "Traceback" not in output, output
-    assert json.loads((exp / "experiment.json").read_text())["status"] == "interrupted"
-    table = pd.read_csv(exp / "trials.csv")
-    assert "interrupted" in set(table["status"]) and "running" not in set(table["status"]), table
-    before, checkpointed = snapshot(exp)
-    assert 2 <= len(before) < 4
-    status, out, err = cli(search, argv)
-    assert status == 0, err
-    assert f"Resuming lost: {len(before)} trials done" in out
-    check_resumed(exp, before, checkpointed, samples=4)
+    saved_as_interrupted(output, exp)
+    resume_to_exactly(cli, argv, exp, 4)
 
 
 def process_state(pid: int) -> str:
