@@ -46,6 +46,13 @@ def counts_agree(folder, samples: int) -> None:
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+def each_array_reported_whole(epochs: pd.DataFrame) -> None:
+    """An array of m members that trained an epoch left exactly m rows saying m: no member was
+    trained unseen, none counted that was not there. (Its members may be at different epochs.)"""
+    sizes = epochs["array_members"].value_counts()
+    assert all(count % members == 0 for members, count in sizes.items()), sizes
+
+
 # A user's model that the batched matmuls do not know (Tanh), so its array runs under torch.vmap;
 # its width a model hyperparameter, so members of other widths train in arrays of their own.
 USER = """
@@ -90,13 +97,11 @@ def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(
     # same trials, same ends, the same verdict on the challenge, part by part (on this data and in
     # three epochs, "not met" for every trial: each member's verdict is computed from its own history)
     pd.testing.assert_frame_equal(rows["arrays"][columns], rows["separate"][columns])
-    if extra:  # members of different widths never share a stack: an array of m members of one width
-        # leaves m rows of that width saying m (its members may be at different epochs)
+    if extra:  # members of different widths never share a stack: each width's arrays are whole on their own
         widths = rows["arrays"]["model.width"]
         for width, of_width in together.groupby(together["number"].map(widths)):
-            sizes = of_width["array_members"].value_counts()
-            assert sizes.index.max() <= (widths == width).sum(), (width, sizes)
-            assert all(count % members == 0 for members, count in sizes.items()), (width, sizes)
+            assert of_width["array_members"].max() <= (widths == width).sum(), (width, of_width)
+            each_array_reported_whole(of_width)
     merged = together.merge(alone, on=["number", "epoch"], suffixes=("_array", "_alone"))
     assert len(merged) == len(together) == len(alone) == 15
     for metric in ("train_loss", "test_loss", "test_accuracy"):  # fp32: the same numbers up to summation order
@@ -121,12 +126,11 @@ def test_asha_and_the_stall_rule_take_members_out_of_the_array(cli, tmp_path):
     epochs = pd.read_csv(folder / "epochs.csv")
     assert epochs["array_members"].max() >= 2, epochs  # they trained as arrays
     # Once a member has left, the array goes on without it: each trial has one row per epoch it ran,
-    # and an array of m members that trained an epoch left exactly m rows saying m, so no member was
-    # trained unseen. (Members of an array need not be at the same epoch: a trial that started later
-    # joins the others' array, so "after epoch e" says nothing about who had left.)
+    # and every array is accounted for by its members' rows. (Members of an array need not be at the
+    # same epoch: a trial that started later joins the others' array, so "after epoch e" says
+    # nothing about who had left.)
     assert epochs.groupby("number").size().to_dict() == table.set_index("number")["epochs_run"].to_dict()
-    sizes = epochs["array_members"].value_counts()
-    assert all(count % members == 0 for members, count in sizes.items()), sizes
+    each_array_reported_whole(epochs)
     study = optuna.load_study(study_name="cut", storage=f"sqlite:///{folder / 'optuna.db'}")
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(pruned) == len(hopeless)

@@ -265,9 +265,10 @@ def held_search(tmp_path: Path, name: str, samples: int = 4) -> tuple[list[str],
     return argv, tmp_path / "results" / name, tmp_path / "first-run.log", {HOLD_ENV: f"3:2:{markers}"}
 
 
-def resume_to_exactly(cli, argv: list[str], exp: Path, samples: int) -> dict[str, list]:
+def resume_to_exactly(cli, argv: list[str], exp: Path, samples: int) -> dict[str, int]:
     """The same command, run again on the interrupted experiment: exactly `samples` trials, the
-    finished ones kept as they were, the cut ones continued (check_resumed); the finished trials."""
+    finished ones kept as they were, the cut ones continued (check_resumed). Returns the epoch each
+    unfinished trial had checkpointed before the resume."""
     before, checkpointed = snapshot(exp)
     assert 2 <= len(before) < samples
     status, out, err = cli(search, argv)
