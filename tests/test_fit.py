@@ -11,7 +11,7 @@ import torch
 from trainable.config import TrainConfig
 from trainable.data import make_synthetic
 from trainable.fit import METRICS, Trainer, fit
-from trainable.hardware import autocast_dtype
+from trainable.hardware import NATIVE_BF16_ENV, autocast_dtype, fast_bf16
 from trainable.loops import train_epoch
 from trainable.models import mlp as build_model
 
@@ -98,6 +98,16 @@ def test_precision_choice():
     assert autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("auto", torch.device("mps")) is None
+
+
+@pytest.mark.parametrize("told", ["0", "1"])
+def test_auto_precision_follows_what_the_cpu_is_said_to_have(monkeypatch, told):
+    # .ci/slow-box avx2 runs the suite as a CPU without native bf16 by saying so: auto is then fp32
+    monkeypatch.setenv(NATIVE_BF16_ENV, told)
+    cpu = torch.device("cpu")
+    assert fast_bf16(cpu) is (told == "1")
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if told == "1" else None)
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16  # asked for by name: bf16 on any CPU
 
 
 def test_bf16_follows_the_fp32_loss_curve(data):

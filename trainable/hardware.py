@@ -38,11 +38,21 @@ def cuda_bf16_native(capability: tuple[int, int]) -> bool:
     return tuple(capability) >= (8, 0)
 
 
+NATIVE_BF16_ENV = "HPTUNE_NATIVE_BF16"  # "0" or "1": what the CPU is taken to have (.ci/slow-box avx2 sets 0)
+
+
 def fast_bf16(device: torch.device) -> bool:
-    """Does this device run bf16 matrix multiplies faster than fp32?"""
+    """Does this device run bf16 matrix multiplies faster than fp32?
+
+    On a CPU, $HPTUNE_NATIVE_BF16 (0 or 1) overrides what the CPU says, so that a box with native
+    bf16 can run as one without it would (the tests' `.ci/slow-box avx2`, beside
+    ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, which do the same for torch and oneDNN)."""
     if device.type == "cuda":
         return cuda_bf16_native(torch.cuda.get_device_capability(device))
     if device.type == "cpu":
+        told = os.environ.get(NATIVE_BF16_ENV)
+        if told in ("0", "1"):
+            return told == "1"
         # AVX512-BF16 or AMX: native bf16 dot products. Elsewhere bf16 is emulated and slower.
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
