@@ -86,7 +86,7 @@ from torch import nn
 
 from trainable import challenge
 from trainable.config import TrainConfig
-from trainable.fit import complete_metrics, epoch_lr, epoch_seed, make_optimizer
+from trainable.fit import accuracy_se, complete_metrics, epoch_lr, epoch_seed, make_optimizer
 from trainable.hardware import autocast_dtype, flush_denormals, keep_freed_memory, precision_label, select_device
 from trainable.loops import DIVERGENCE_CHECK_STEPS, autocast, to_unit
 from trainable.models import build_model, factory_of
@@ -712,6 +712,7 @@ class ArrayTrainer:
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "test_loss_se": test_loss_se,
+            "test_accuracy_se": accuracy_se(test_accuracy, self.test_y.shape[0]),
             "epoch_seconds": seconds,  # the array's wall time, shared by its members
             "samples_per_second": self.train_y.shape[0] / train_seconds,  # this member's images, training only
         }

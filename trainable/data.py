@@ -73,6 +73,10 @@ class Dataset:
         return len(self.train_labels)
 
     @property
+    def test_size(self) -> int:
+        return len(self.test_labels)
+
+    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.train_inputs, self.train_labels, self.test_inputs, self.test_labels))
 
@@ -105,6 +109,10 @@ class StreamedData:
     @property
     def train_size(self) -> int:
         return len(self.train)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
 
     def __repr__(self) -> str:
         return (f"StreamedData({self.source}: {len(self.train)} train + {len(self.test)} test, "

@@ -1,8 +1,8 @@
 """Train one configuration: fit(config, data) yields one metrics dict per epoch. No Ray here.
 
 Metric names (one name each, used unchanged in the CSV files, plots and docs):
-epoch, train_loss, train_accuracy, test_loss, test_accuracy, test_loss_se, epoch_seconds,
-samples_per_second, diverged, train_below_test, still_decreasing, above_chance, challenge_met,
+epoch, train_loss, train_accuracy, test_loss, test_accuracy, test_loss_se, test_accuracy_se,
+epoch_seconds, samples_per_second, diverged, train_below_test, still_decreasing, above_chance, challenge_met,
 crossing_epoch.
 """
 
@@ -39,6 +39,7 @@ METRICS = (
     "test_loss",
     "test_accuracy",
     "test_loss_se",
+    "test_accuracy_se",
     "epoch_seconds",
     "samples_per_second",
     "diverged",
@@ -110,6 +111,15 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device) if device.type != "cpu" else tensor
 
 
+def accuracy_se(accuracy: float | None, n: int) -> float | None:
+    """The standard error of an accuracy measured on n samples: sqrt(p (1 - p) / n), the binomial
+    noise of a count of right answers (0.5 points at 55% on CIFAR-10's 10,000 test images)."""
+    if accuracy is None or n <= 0 or not math.isfinite(accuracy):
+        return None
+    p = min(max(float(accuracy), 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / n)
+
+
 def complete_metrics(metrics: dict[str, Any], history: Sequence[Mapping[str, Any]], window: int,
                      classes: int) -> dict[str, Any]:
     """Add what every epoch's metrics carry beside the measurements: diverged, and the challenge's
@@ -158,7 +168,7 @@ class Trainer:
             self.train_labels = _to_device(data.train_labels, self.device)
             self.test_inputs = _to_device(data.test_inputs, self.device)
             self.test_labels = _to_device(data.test_labels, self.device)
-        self.train_size = data.train_size
+        self.train_size, self.test_size = data.train_size, data.test_size
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -224,6 +234,7 @@ class Trainer:
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "test_loss_se": test_loss_se,  # standard error of test_loss: its noise
+            "test_accuracy_se": accuracy_se(test_accuracy, self.test_size),  # and of test_accuracy
             "epoch_seconds": seconds,  # training and evaluation
             "samples_per_second": self.train_size / train_seconds,  # training only
         }

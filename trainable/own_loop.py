@@ -25,7 +25,7 @@ from typing import Any
 from trainable.challenge import DEFAULT_WINDOW
 from trainable.config import TrainConfig
 from trainable.data import Data
-from trainable.fit import complete_metrics
+from trainable.fit import accuracy_se, complete_metrics
 from trainable.refs import UserCodeError, call_user, describe, resolve
 
 REQUIRED = ("train_loss", "test_loss", "test_accuracy")
@@ -70,6 +70,7 @@ class Report:
             full[key] = _number(key, value)
         full.setdefault("train_accuracy", None)
         full.setdefault("test_loss_se", 0.0)
+        full.setdefault("test_accuracy_se", accuracy_se(full.get("test_accuracy"), self.data.test_size))
         full["epoch_seconds"] = seconds
         full.setdefault("samples_per_second", self.data.train_size / seconds if seconds > 0 else None)
         complete_metrics(full, self.history, self.window, self.data.num_classes)
