@@ -112,8 +112,8 @@ def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(
 def test_asha_and_the_stall_rule_take_members_out_of_the_array(cli, tmp_path):
     # 1e-6 learns nothing: ASHA stops it at a rung, or the stall rule after two epochs at chance
     space = "lr: [0.03, 1.0e-6]\nbatch_size: [128]\nepochs: 4\noptimizer: [nesterov]\nmomentum: 0.9\n"
-    status, out, err = run(cli, tmp_path, "cut", space, "--samples", "6", "--arrays", "6", "--grace-period", "1",
-                           "--reduction-factor", "2")
+    status, out, err = run(cli, tmp_path, "cut", space, "--samples", "6", "--arrays", "6", "--stopping", "asha",
+                           "--grace-period", "1", "--reduction-factor", "2")
     assert status == 0, err
     folder = tmp_path / "results" / "cut"
     counts_agree(folder, 6)

@@ -338,8 +338,8 @@ def test_the_own_loop_hook_reports_epochs_that_asha_judges(cli, user, shared_ray
                                     "model.width: [32]\n")
     status, out, err = cli(search, ["--loop", "user.py:own_loop", "--data", "user.py:splits", "--space", "loop.yaml",
                                     "--results-dir", "results", "--name", "loop", "--num-cpus", "2", "--samples", "5",
-                                    "--sampler", "random", "--grace-period", "1", "--reduction-factor", "2",
-                                    "--max-concurrent", "1"])
+                                    "--sampler", "random", "--stopping", "asha", "--grace-period", "1",
+                                    "--reduction-factor", "2", "--max-concurrent", "1"])
     assert status == 0, err
     exp = user / "results" / "loop"
     table = pd.read_csv(exp / "trials.csv")

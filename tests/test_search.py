@@ -95,8 +95,8 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     # fp32 or bf16: it is stopped after epoch 1, before the stall rule could judge it at epoch 2.
     space = ("lr: [0.03, 1.0e-6, 2.0e-6, 4.0e-6]\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\n"
              "momentum: 0.9\n")
-    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--grace-period",
-                           "1", "--reduction-factor", "2", "--max-concurrent", "1")
+    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--stopping", "asha",
+                           "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     baseline = trials[trials["baseline"]]
@@ -134,8 +134,8 @@ def test_asha_judges_each_trial_at_the_same_share_of_its_own_schedule(cli, tmp_p
     space = ("lr: {low: 3.0e-4, high: 0.03, log: true}\nbatch_size: [128]\nepochs: [2, 4]\noptimizer: [nesterov]\n"
              "momentum: 0.9\n")
     status, _, err = run(cli, tmp_path, "--samples", "8", "--space", space_file(tmp_path, space), "--no-baseline",
-                         "--max-concurrent", "1", "--sampler", "random", "--grace-period", "50%",
-                         "--reduction-factor", "2")
+                         "--max-concurrent", "1", "--sampler", "random", "--stopping", "asha", "--grace-period",
+                         "50%", "--reduction-factor", "2")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     stopped = trials[trials["status"] == "early-stopped"]

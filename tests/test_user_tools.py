@@ -50,7 +50,8 @@ def searched(tmp_path_factory) -> dict:
     (tmp / "space.yaml").write_text(SPACE)
     argv = ["--data", "synthetic", "--results-dir", str(tmp / "results"), "--name", "tools", "--num-cpus", "2",
             "--samples", "6", "--space", str(tmp / "space.yaml"), "--sampler", "random",
-            "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1", "--tensorboard"]
+            "--stopping", "asha", "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1",
+            "--tensorboard"]
     out, err = io.StringIO(), io.StringIO()
     ensure_shared_ray()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -70,8 +70,8 @@ def search(
     config   the base configuration (a TrainConfig, a dict of its fields, or a YAML path)
     loop     your own training loop, (config, data, report) -> None, instead of ours
     options  any field of SearchSettings: name, results_dir, sampler, seed, objective,
-             early_stop, baseline, center, max_concurrent, num_cpus, address, confirm_seeds,
-             tensorboard, quiet, ...
+             early_stop, stopping ("noise", "asha", "syne-asha"), until_converged, baseline, center,
+             max_concurrent, num_cpus, address, confirm_seeds, tensorboard, quiet, ...
     """
     settings = _settings(samples, options)
     base = _base(config)

@@ -307,7 +307,7 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
         if settings.tensorboard:
             paths["tensorboard"] = plan.folder / tensorboard.TENSORBOARD_DIR
         wall = time.time() - started  # the search itself; confirmation and report come after
-        if outcome == "finished" and settings.confirm_seeds and "best_config" in paths:
+        if outcome != "budget" and settings.confirm_seeds and "best_config" in paths:
             paths["confirm"] = confirm_best(experiment, data, settings.confirm_seeds, plan.inputs.model)
             paths.update(export_mod.export(experiment))  # best_config.yaml now states the confirmation
         try:
@@ -319,7 +319,7 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
                 raise  # a full disk is not a drawing problem: said below, as any failed write
             print(f"{prog}: warning: the report could not be drawn ({exc}); the CSV files are complete",
                   file=sys.stderr)
-        experiment.mark("finished" if outcome == "finished" else "interrupted")
+        experiment.mark("interrupted" if outcome == "budget" else "finished")  # converged: finished
     except INPUT_ERRORS as exc:
         _log_error(plan)
         raise InputError(str(exc)) from None

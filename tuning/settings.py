@@ -17,6 +17,8 @@ from trainable.cli import UsageError
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+# who stops a trial early (tuning/engine/schedulers.py): the noise rule, Ray Tune's ASHA, Syne Tune's
+STOPPING = ("noise", "asha", "syne-asha")
 DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
 DEFAULT_GRACE = "25%"
 # Splits larger than this (bytes, as tensors) are not loaded into memory once for all trials: each
@@ -64,8 +66,10 @@ class SearchSettings:
     warm_start: str | None = None  # an earlier experiment folder whose trials the new study is given
     baseline: bool = True  # run the base configuration (the tutorial's by default) first
     center: bool = True  # the first sampled trial is the space's center
-    early_stop: bool = True  # ASHA and the stall rule
-    grace: Grace = Grace("progress", 0.25)  # ASHA's first rung
+    early_stop: bool = True  # the stopping rule and the stall rule
+    stopping: str = "noise"  # one of STOPPING
+    until_converged: bool = False  # start no new trial once the best can no longer improve beyond its noise
+    grace: Grace = Grace("progress", 0.25)  # the first point a trial is judged at (ASHA's first rung)
     reduction_factor: float = 3.0  # ASHA keeps the best 1/F at each rung
     time_budget: float | None = None  # seconds after which the search stops (running trials: interrupted)
     smoke_test: bool = False  # synthetic data, 3 samples, 2 epochs
@@ -98,6 +102,8 @@ class SearchSettings:
         """UsageError (one line, exit 2) for settings that contradict themselves or the tool."""
         if self.samples < 1:
             raise UsageError(f"samples must be >= 1, got {self.samples}")
+        if self.stopping not in STOPPING:
+            raise UsageError(f"stopping must be one of {', '.join(STOPPING)}, got {self.stopping!r}")
         if self.sampler not in SAMPLERS:
             raise UsageError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.objective not in OBJECTIVES:

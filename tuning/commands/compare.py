@@ -134,11 +134,7 @@ def progress(experiment: Experiment) -> pd.DataFrame:
     since the first trial started (a resumed search's time between its runs left out), and the best
     test accuracy so far."""
     journal = experiment.journal
-    start, idle = min(journal.times("trial"), default=0.0), journal.idle_spans()
-
-    def working(until: float) -> float:
-        return until - start - sum(max(0.0, min(b, until) - max(a, start)) for a, b in idle)
-
+    working = journal.working_clock()
     rows, best = [], 0.0
     for i, r in enumerate(sorted(journal.epochs(), key=lambda r: r["time"]), start=1):
         best = max(best, r.get("test_accuracy") or 0.0)

@@ -2,11 +2,11 @@
 
 The data set is loaded once, in the driver, and reaches every trial through Ray's object store.
 Optuna (TPE by default, its study in results/<name>/optuna.db) proposes learning rate, batch size,
-epochs, optimizer, momentum, weight decay and the model's own hyperparameters; ASHA stops
-unpromising trials by epoch; the base configuration (the tutorial's, unless --config says
-otherwise) runs first as the baseline. Every result is journalled in results/<name>/ as it
-arrives, so an interrupted search resumes with the same command, and the CSV files,
-best_config.yaml and the report are rebuilt from those files alone.
+epochs, optimizer, momentum, weight decay and the model's own hyperparameters; a trial stops once
+it can no longer beat the best by more than the noise (tuning/noise.py); the base configuration
+(the tutorial's, unless --config says otherwise) runs first as the baseline. Every result is
+journalled in results/<name>/ as it arrives, so an interrupted search resumes with the same
+command, and the CSV files, best_config.yaml and the report are rebuilt from those files alone.
 
 This module only reads the command line: the search itself is tuning/driver.py, with typed
 SearchSettings.
@@ -32,8 +32,18 @@ from trainable.cli import (
 )
 from trainable.config import PRECISIONS, TrainConfig
 from tuning import driver
+from tuning.noise import MIN_TRIALS, WINDOW
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
-from tuning.settings import DEFAULT_GRACE, DEFAULT_SAMPLES, SAMPLERS, SMOKE_SAMPLES, Grace, SearchSettings, parse_size
+from tuning.settings import (
+    DEFAULT_GRACE,
+    DEFAULT_SAMPLES,
+    SAMPLERS,
+    SMOKE_SAMPLES,
+    STOPPING,
+    Grace,
+    SearchSettings,
+    parse_size,
+)
 from tuning.space import default_space, load_space, smoke
 
 PROG = "hptune search"
@@ -42,6 +52,7 @@ EXAMPLES = """examples:
   hptune search --samples 20 --data data/cifar10-jpeg          CIFAR-10 from an image folder
   hptune search --model my_models.py:cnn --data my_data.py:splits --space space.yaml
   hptune search --smoke-test                                   3 tiny trials on synthetic data
+  hptune search --samples 40 --until-converged                 stop once the best is settled within its noise
   hptune search --samples 20 --name big                        the same command resumes an interrupted search"""
 
 
@@ -78,8 +89,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="base configuration for everything the space does not search; also the baseline "
                         "(default: the tutorial's)")
     s.add_argument("--objective", choices=list(OBJECTIVES), default=DEFAULT_OBJECTIVE,
-                   help="what ASHA and Optuna steer by (default test_accuracy); the challenge is a constraint, and the "
-                        "winner is the best trial that meets it")
+                   help="what the stopping rule and Optuna steer by (default test_accuracy); the challenge is a "
+                        "constraint, and the winner is the best trial that meets it")
     s.add_argument("--challenge-window", type=positive_int, default=challenge.DEFAULT_WINDOW, metavar="K",
                    help="the train loss must fall in each of the last K epochs (default 3)")
     s.add_argument("--warm-start", metavar="FOLDER",
@@ -90,11 +101,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--no-center", action="store_true",
                    help="let the sampler choose the first sampled trial too (default: it is the center of the "
                         "space: each range's midpoint, geometric on a log scale, and each list's first choice)")
-    s.add_argument("--no-early-stop", action="store_true", help="no ASHA: every trial runs all its epochs")
+    s.add_argument("--stopping", choices=STOPPING, default="noise",
+                   help="who stops a trial early: noise (default: a trial goes on only while it may still beat the "
+                        "best finished trial by more than the noise of its test accuracy; docs/search.md), asha "
+                        "(Ray Tune's ASHA), syne-asha (Syne Tune's ASHA, pip install -e \".[compare]\")")
+    s.add_argument("--until-converged", action="store_true",
+                   help="stop starting trials once the best can no longer improve by more than its noise (the last "
+                        f"{WINDOW} trials to end left it within its noise, at least {MIN_TRIALS} ended); "
+                        "--samples is then the most it runs")
+    s.add_argument("--no-early-stop", action="store_true",
+                   help="no stopping rule: every trial runs all its epochs")
     s.add_argument("--grace-period", type=grace_period, default=DEFAULT_GRACE, metavar="P%|N",
-                   help="ASHA's first rung: P%% of each trial's own schedule (default 25%%; later rungs at P%% times "
-                        "the reduction factor, so trials are compared at the same point of their schedules, before "
-                        "or after annealing alike), or N epochs (rungs by epoch, as in Ray Tune's examples)")
+                   help="the first point a trial is judged at: P%% of each trial's own schedule (default 25%%; ASHA's "
+                        "later rungs at P%% times the reduction factor, so trials are compared at the same point of "
+                        "their schedules, before or after annealing alike), or N epochs (as in Ray Tune's examples)")
     s.add_argument("--reduction-factor", type=float, default=3.0, metavar="F",
                    help="ASHA: keep the best 1/F at each rung (default 3)")
     s.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -169,6 +189,8 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         baseline=not args.no_baseline,
         center=not args.no_center,
         early_stop=not args.no_early_stop,
+        stopping=args.stopping,
+        until_converged=args.until_converged,
         grace=args.grace_period if isinstance(args.grace_period, Grace) else Grace.parse(args.grace_period),
         reduction_factor=args.reduction_factor,
         time_budget=args.time_budget,

@@ -1,6 +1,7 @@
 """The Tuner that runs a search's trials on Ray Tune, journalling everything into the experiment.
 
-Optuna (through StudySearcher) proposes, ASHA (keeping the baseline) stops, the callback
+Optuna (through StudySearcher) proposes, the stopping rule (tuning/engine/schedulers.py: the
+noise rule by default, ASHA on request; the baseline always runs to its end) stops, the callback
 journals; the trial function is tuning/engine/trial.py and Ray itself tuning/engine/cluster.py.
 Takes SearchSettings, never the command line.
 """
@@ -14,19 +15,21 @@ import time
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from trainable.config import TrainConfig
 from trainable.data import Data
 from tuning.engine.arrays import start_server, why_not
 from tuning.engine.callbacks import LINES, LIVE, QUIET, ExperimentCallback
 from tuning.engine.hooks import Hooks
-from tuning.engine.searcher import ASHAKeepingBaseline, StudySearcher
+from tuning.engine.schedulers import make_scheduler
+from tuning.engine.searcher import StudySearcher
 from tuning.engine.trial import TrialSetup, train_trial
 from tuning.engine.usercode import UserCode
+from tuning.noise import StoppingRule, curve_of
 from tuning.results.experiment import Experiment
-from tuning.results.journal import TrialRecord
-from tuning.settings import Grace
+from tuning.results.journal import FINISHED, TrialRecord
+from tuning.settings import SearchSettings
 from tuning.space import AnySpace
 from tuning.study import make_sampler, open_or_rebuild, release_stale_trials, warm_start
 
@@ -39,15 +42,22 @@ class SearchIncompleteError(RuntimeError):
     """Tune returned with trials still to run."""
 
 
-def make_asha(grace: Grace, reduction_factor: float, max_epochs: int) -> ASHAKeepingBaseline:
-    """ASHA with rungs by share of each trial's schedule (`grace.time_attr == "progress"`: a
-    20-epoch cosine trial is judged at epoch 5 beside a 8-epoch one at epoch 2, both a quarter
-    through their schedules) or by epoch (Ray Tune's examples: every trial judged at epoch N)."""
-    if grace.time_attr == "progress":
-        return ASHAKeepingBaseline(time_attr="progress", max_t=1.0, grace_period=grace.value,
-                                   reduction_factor=reduction_factor)
-    return ASHAKeepingBaseline(time_attr="epoch", max_t=max_epochs, grace_period=min(grace.value, max_epochs),
-                               reduction_factor=reduction_factor)
+def scheduler_for(experiment: Experiment, pending: list[TrialRecord], max_epochs: int) -> TrialScheduler:
+    """The search's stopping rule, knowing what the journal holds: the curves of the trials that
+    ran their whole schedule (the noise rule's incumbent and gains), and the epochs the interrupted
+    trials have already run."""
+    settings: SearchSettings = experiment.settings
+    if not settings.early_stop:
+        return FIFOScheduler()
+    objective, mode = settings.objective, settings.mode
+    finished = [curve_of(t.epochs, t.config["epochs"], objective, mode) for t in experiment.trials
+                if t.status == FINISHED]
+    grace = settings.grace
+    rule = StoppingRule(finished, **({"grace": grace.value} if grace.time_attr == "progress"
+                                     else {"grace_epochs": int(grace.value)}))
+    earlier = {t.trial: curve_of(t.epochs, t.config["epochs"], objective, mode) for t in pending}
+    return make_scheduler(settings.stopping, grace, settings.reduction_factor, max_epochs, mode=mode,
+                          seed=settings.seed, rule=rule, earlier=earlier)
 
 
 def run_trials(
@@ -63,7 +73,8 @@ def run_trials(
     started: float,
 ) -> str:
     """Run `num_samples` trials (the `fixed` ones first, then Optuna's) on Ray Tune, journalling
-    everything into the experiment; returns 'finished' or 'budget'."""
+    everything into the experiment; returns 'finished', 'converged' (--until-converged ended it
+    before --samples) or 'budget'."""
     meta, settings = experiment.meta, experiment.settings
     attempt = 1 + experiment.journal.attempts()
     # a resumed search must not replay the first attempt's random start-up samples
@@ -81,16 +92,20 @@ def run_trials(
         center = space.center()
         if center:  # a fresh study: its first sampled trial is the space's center
             study.enqueue_trial(center, user_attrs={"center": True})
+    converged = None
+    if settings.until_converged:  # read from the journal when a trial is to be proposed, so a resumed search agrees
+
+        def converged() -> bool:
+            found = Experiment.load(experiment.folder).convergence()
+            return found is not None and found.confirmed
+
     searcher = StudySearcher(study, space, fixed, base=base.to_dict(), metric="objective", mode=settings.mode,
-                             first_number=len(experiment.trials) + 1)
+                             first_number=len(experiment.trials) + 1, converged=converged)
     searcher.continued_numbers = {t.trial: t.number for t in pending}
     highest = space.high("epochs", base.epochs)
     max_epochs = max([UNKNOWN_MAX_EPOCHS if highest is None else int(highest),
                       *(c.get("epochs", base.epochs) for c in fixed)])
-    if not settings.early_stop:
-        scheduler = FIFOScheduler()
-    else:
-        scheduler = make_asha(settings.grace, settings.reduction_factor, max_epochs)
+    scheduler = scheduler_for(experiment, pending, max_epochs)
     resources = {"cpu": res["cpu"], "gpu": res["gpu"]}
     server, max_concurrent = None, settings.max_concurrent
     if settings.arrays > 1:
@@ -107,6 +122,8 @@ def run_trials(
     if resources["gpu"] > 0:
         slots = min(slots, res["cluster_gpus"] / resources["gpu"])
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(1, int(slots)))
+    if converged is not None and max_concurrent is None:
+        max_concurrent = max(1, int(slots))  # no trial proposed ahead of the results that may settle the search
     setup = TrialSetup(
         base=base.to_dict(),
         objective=settings.objective,
@@ -161,6 +178,8 @@ def run_trials(
     finally:
         callback.close()
     experiment.reload()
+    if converged is not None and all(t.done for t in experiment.trials) and converged():
+        return "converged" if len(experiment.trials) < settings.samples else "finished"
     if len(experiment.trials) < settings.samples or not all(t.done for t in experiment.trials):
         if settings.time_budget and time.time() - started >= settings.time_budget:
             release_stale_trials(study)  # trials the budget stopped

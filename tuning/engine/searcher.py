@@ -1,4 +1,4 @@
-"""The Ray Tune searcher over an Optuna study, and ASHA that lets the baseline run to the end.
+"""The Ray Tune searcher over an Optuna study.
 
 StudySearcher asks Optuna for each new configuration (define-by-run: `Space.suggest`, so
 momentum exists only for SGD and each optimizer family has its own learning rates), reports each
@@ -17,15 +17,18 @@ Every trial of the study carries the experiment's own trial number (`number`, as
 and the console; Optuna numbers its trials from 0 in its own order), the values the space did not
 search (`fixed`), and its final metrics and status, so optuna-dashboard and trials.csv can be
 read side by side.
+
+With --until-converged it proposes nothing more once `converged()` says the best is settled within
+its noise (tuning/noise.py): the trials running then end as the stopping rule decides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from tuning.objective import WORST, constraints
@@ -52,6 +55,7 @@ class StudySearcher(Searcher):
         metric: str,
         mode: str,
         first_number: int = 1,
+        converged: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         self.study, self.space, self.base = study, space, base
@@ -65,6 +69,7 @@ class StudySearcher(Searcher):
         self.numbers: dict[str, int] = {}
         self.next_number = first_number
         self.continued_numbers: dict[str, int] = {}  # id of an interrupted trial -> its number (set by the driver)
+        self.converged = converged  # --until-converged: no new trial once this says so
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric and mode are ours, the space is Space.suggest
@@ -73,6 +78,8 @@ class StudySearcher(Searcher):
         if self.queue:
             config = dict(self.queue.pop(0))
             self.fixed_trials[trial_id] = config
+        elif self.converged is not None and self.converged():
+            return Searcher.FINISHED
         else:
             trial = self.study.ask()
             self.asked[trial_id] = trial
@@ -145,11 +152,3 @@ class StudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         pass
 
-
-class ASHAKeepingBaseline(ASHAScheduler):
-    """ASHA that never stops the baseline: the tutorial's run is there to be compared with in
-    full (its results still enter ASHA's rungs, so other trials are judged against it)."""
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        return TrialScheduler.CONTINUE if trial.config.get(BASELINE) and decision == TrialScheduler.STOP else decision

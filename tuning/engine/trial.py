@@ -30,12 +30,13 @@ from tuning.engine.arrays import ArrayMember
 from tuning.engine.hooks import Hooks
 from tuning.engine.searcher import BASELINE, CONTINUES, hyperparameters
 from tuning.engine.usercode import UserCode
+from tuning.noise import objective_se
 from tuning.objective import objective_value, stalled
 from tuning.space import apply_params
 
 STATE_FILE = "state.pt"
 # what a trial reports, and the journal keeps (a user's loop may report more: `EXTRA`)
-TRIAL_METRICS = (*METRICS, "objective", "stalled", "data_device")
+TRIAL_METRICS = (*METRICS, "objective", "objective_se", "stalled", "data_device")
 EXTRA = "_extra_metrics"  # names of the other numbers a user's own loop reported
 
 
@@ -80,6 +81,7 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
         """Report one epoch to Tune with its checkpoint; True if the trial stops here (stalled)."""
         setup.hooks.before_report(metrics["epoch"], config, tune.get_context().get_trial_id())
         metrics["objective"] = objective_value(metrics, setup.objective)
+        metrics["objective_se"] = objective_se(metrics, setup.objective)  # its noise (tuning/noise.py)
         metrics["progress"] = metrics["epoch"] / config.epochs  # ASHA's rungs by share of the schedule
         metrics["data_device"] = data_device  # where the data set lives (cpu, the GPU, or streamed)
         metrics["stalled"] = setup.stop_stalled and not baseline and stalled(history, data.num_classes)

@@ -34,6 +34,16 @@ def _num(value: Any) -> str:
     return "nan" if value is None else f"{value:.4f}"
 
 
+def fmt_objective(value: float, objective: str) -> str:
+    """An objective's value as the summary shows it: 55.6% for an accuracy, 1.2586 for a loss."""
+    return f"{100 * value:.1f}%" if objective == "test_accuracy" else f"{value:.4f}"
+
+
+def fmt_difference(value: float, objective: str) -> str:
+    """A difference of objectives: 0.2 points of accuracy, 0.0123 of a loss."""
+    return f"{100 * value:.1f} points" if objective == "test_accuracy" else f"{value:.4f}"
+
+
 def baseline_label(config: dict[str, Any]) -> str:
     """How the summary names the baseline: the tutorial's configuration, or the base one."""
     from trainable.config import TRAINING_HYPERPARAMETERS, TrainConfig

@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from trainable.config import TrainConfig
 from trainable.fileio import atomic_write_text
+from tuning.noise import Convergence, Ended, converged_at, objective_se, tied
 from tuning.results.journal import DIVERGED, ERRORED, INTERRUPTED, Journal, TrialRecord, trials
 from tuning.settings import SearchSettings
 
@@ -55,6 +56,25 @@ def rank(all_trials: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
 
 def met(trial: TrialRecord) -> bool:
     return bool((trial.last or {}).get("challenge_met"))
+
+
+def final_se(trial: TrialRecord, objective: str) -> float:
+    """The noise of the trial's final objective (0 where it was not measured)."""
+    last = trial.last or {}
+    se = last.get("objective_se")
+    return float(se) if se is not None else objective_se(last, objective)
+
+
+def ended_in_order(all_trials: Sequence[TrialRecord], mode: str, objective: str) -> list[Ended]:
+    """The trials that ended, in the order they ended, as convergence sees them (tuning/noise.py)."""
+    sign = 1.0 if mode == "max" else -1.0
+    done = sorted((t for t in all_trials if t.done and t.finished_at is not None), key=lambda t: t.finished_at)
+    out = []
+    for t in done:
+        value = final_objective(t) if t.status not in RANKED_OUT else None
+        out.append(Ended(t.number, float(t.finished_at), None if value is None else sign * value,  # type: ignore[arg-type]
+                         final_se(t, objective)))
+    return out
 
 
 @dataclass
@@ -142,6 +162,25 @@ class Experiment:
     def best(self) -> TrialRecord | None:
         ranked = self.ranked()
         return ranked[0] if ranked else None
+
+    def convergence(self) -> Convergence | None:
+        """Where the search converged: the trial after which the best never rose by more than its
+        noise (tuning/noise.py); None before any trial has a result."""
+        settings = self.settings
+        return converged_at(ended_in_order(self.trials, self.mode, settings.objective))
+
+    def ties(self) -> list[TrialRecord]:
+        """The trials whose final objective is within the winner's noise of the winner's, the
+        winner first: none of them can be told apart from it."""
+        best = self.best
+        if best is None:
+            return []
+        objective, sign = self.settings.objective, 1.0 if self.mode == "max" else -1.0
+        ranked = [t for t in self.ranked() if final_objective(t) is not None]
+        values = [(t.number, sign * final_objective(t), final_se(t, objective)) for t in ranked]  # type: ignore[operator]
+        numbers = tied(values, (best.number, sign * final_objective(best), final_se(best, objective)))  # type: ignore[operator]
+        by_number = {t.number: t for t in ranked}
+        return [best, *(by_number[n] for n in numbers if n != best.number)]
 
     # --- writing ---------------------------------------------------------------------------
 

@@ -72,8 +72,9 @@ def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: 
 def epochs_table(all_trials: Sequence[TrialRecord]) -> pd.DataFrame:
     """One row per trial and epoch, with the trainable's metric names."""
     extra = list(dict.fromkeys(k for t in all_trials for m in t.epochs for k in m
-                               if k not in (*METRICS, "objective", "stalled", "data_device", "_extra_metrics")))
-    columns = ["trial", "number", *METRICS, "objective", *extra]
+                               if k not in (*METRICS, "objective", "objective_se", "stalled", "data_device",
+                                            "_extra_metrics")))
+    columns = ["trial", "number", *METRICS, "objective", "objective_se", *extra]
     rows = [{"trial": t.trial, "number": t.number, **{c: m.get(c) for c in columns[2:]}}
             for t in all_trials for m in t.epochs]
     return pd.DataFrame(rows, columns=columns)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,16 +95,17 @@ class Journal:
         from `since` on (a resumed search's own epochs)."""
         return [r for r in self.read() if r.get("event") == "epoch" and r["time"] >= since]
 
-    def idle_spans(self) -> list[tuple[float, float]]:
-        """When no run of the command was working on the experiment: from the last record one run
-        wrote to the start of the next (the driver killed, the machine down, the command not yet
-        run again)."""
-        spans, last = [], None
-        for record in self.read():
-            if record.get("event") == "attempt" and last is not None:
-                spans.append((last, record["time"]))
-            last = record["time"]
-        return spans
+    def working_clock(self) -> Callable[[float], float]:
+        """A function of a time: the seconds from the first trial's start to it, the spans between
+        runs of the command left out, i.e. how long the search had worked by then."""
+        records = self.read()
+        start = min((r["time"] for r in records if r.get("event") == "trial"), default=0.0)
+        idle = _idle_spans(records)
+
+        def working(until: float) -> float:
+            return until - start - sum(max(0.0, min(b, until) - max(a, start)) for a, b in idle)
+
+        return working
 
     def attempts(self) -> int:
         """How many runs of the command have worked on this experiment."""
@@ -126,6 +128,18 @@ class Journal:
         if "://" in path or os.path.isabs(path):
             return path
         return str(self.path.parent.resolve() / path)
+
+
+def _idle_spans(records: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """When no run of the command was working on the experiment: from the last record one run
+    wrote to the start of the next (the driver killed, the machine down, the command not yet
+    run again)."""
+    spans, last = [], None
+    for record in records:
+        if record.get("event") == "attempt" and last is not None:
+            spans.append((last, record["time"]))
+        last = record["time"]
+    return spans
 
 
 def _finite(value: Any) -> Any:

@@ -13,8 +13,8 @@ from typing import Any
 from trainable.challenge import verdict_text
 from trainable.cli import jsonable
 from tuning.results import export as export_mod
-from tuning.results.console import baseline_label, fmt_params, fmt_result
-from tuning.results.experiment import Experiment, met
+from tuning.results.console import baseline_label, fmt_difference, fmt_objective, fmt_params, fmt_result
+from tuning.results.experiment import Experiment, final_objective, final_se, met
 from tuning.results.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, STALLED
 
 STATUSES = (FINISHED, EARLY_STOPPED, STALLED, DIVERGED, ERRORED, INTERRUPTED)
@@ -61,7 +61,46 @@ def summary(experiment: Experiment) -> dict[str, Any]:
         "baseline": next((trial(t) for t in experiment.trials if t.baseline), None),
         "running": [{**trial(t), "epoch": len(t.epochs), "epochs": t.config.get("epochs")} for t in running],
         "errored": [trial(t) for t in experiment.trials if t.status == ERRORED],
+        "ties": [t.number for t in experiment.ties()],
+        "convergence": convergence_data(experiment),
     })
+
+
+def convergence_data(experiment: Experiment) -> dict[str, Any] | None:
+    """Where the search converged (tuning/noise.py), as plain data."""
+    found = experiment.convergence()
+    if found is None:
+        return None
+    return {"trial": found.number, "seconds": experiment.journal.working_clock()(found.time),
+            "trials_ended_by_then": found.index, "trials_after": found.after, "moved": found.moved,
+            "noise": found.noise, "confirmed": found.confirmed}
+
+
+def noise_lines(experiment: Experiment) -> list[str]:
+    """The ties with the winner and where the search converged, each one line (none if nothing to say)."""
+    objective = experiment.settings.objective
+    lines = []
+    ties = experiment.ties()
+    if len(ties) > 1:
+        values = [final_objective(t) for t in ties]
+        numbers = sorted(t.number for t in ties)
+        listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+        lines.append(f"Tied      trials {listed} are within the noise of the best ({objective} "
+                     f"{fmt_objective(min(values), objective)}–{fmt_objective(max(values), objective)}; "
+                     f"standard error {fmt_difference(final_se(ties[0], objective), objective)})")
+    found = convergence_data(experiment)
+    if found is not None:
+        moved, noise = fmt_difference(found["moved"], objective), fmt_difference(found["noise"], objective)
+        after = found["trials_after"]
+        if experiment.settings.until_converged and found["confirmed"] and len(experiment.trials) < experiment.settings.samples:
+            tail = (f"--until-converged stopped the search there: the {after} trials after it moved the best by {moved}, "
+                    f"within its noise ({noise})")
+        elif after:
+            tail = f"the {after} trial{'s' if after > 1 else ''} after it moved the best by {moved}, within its noise ({noise})"
+        else:
+            tail = "the last trial to end: no trial after it yet"
+        lines.append(f"Converged at trial {found['trial']}, {found['seconds']:.0f} s into the search; {tail}")
+    return lines
 
 
 def summary_lines(experiment: Experiment, *, wall: float | None = None, res: dict[str, float] | None = None,
@@ -89,6 +128,7 @@ def summary_lines(experiment: Experiment, *, wall: float | None = None, res: dic
         lines.append(f"          {fmt_result(best)}; {verdict_text(best.last, window)}")
         if not met(best):
             lines.append(f"          No trial met the challenge: this is the best by {settings.objective} alone.")
+        lines.extend(noise_lines(experiment))
     for t in all_trials:
         if t.baseline:
             lines.append(f"Baseline  trial {t.number:>2} ({baseline_label(t.config)}): {fmt_result(t)}; "
