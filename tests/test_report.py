@@ -10,7 +10,15 @@ import pandas as pd
 import pytest
 
 from tuning.commands.report import main as report
-from tuning.results.report import FIGURES, curves_table, lr_table, progress_table, top_trials, write_report
+from tuning.results.report import (
+    FIGURES,
+    convergence_table,
+    curves_table,
+    lr_table,
+    progress_table,
+    top_trials,
+    write_report,
+)
 
 # One row per trial: how it ended (its epochs are below)
 TRIALS = """trial,number,baseline,lr,batch_size,epochs,optimizer,momentum,weight_decay,schedule,error
@@ -105,6 +113,21 @@ def test_progress_keeps_the_best_so_far_and_the_statuses(hand_made):
     assert progress["status"][3] == "diverged"
 
 
+def test_convergence_is_the_best_answer_so_far_by_trial_epochs_spent(hand_made):
+    from tuning.results.experiment import Experiment
+
+    exp = Experiment.load(hand_made)
+    table = convergence_table(exp)
+    # in the order the trials ended (here their start order), epochs counted as they were reported
+    assert table["number"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert table["trial_epochs"].tolist() == [3, 6, 7, 9, 9, 12]
+    # no standard error in this journal: the noise is 0 and every rise of the best is beyond it
+    assert table["best_so_far"].tolist() == [0.31, 0.53, 0.53, 0.53, 0.53, 0.53]
+    assert table["objective"].isna().tolist() == [False, False, False, True, True, False]  # diverged, errored
+    found = exp.convergence()
+    assert (found.number, found.after, found.confirmed) == (2, 4, False)
+
+
 def test_lr_table_has_every_trial_with_an_accuracy(hand_made):
     trials, _ = tables(hand_made)
     assert lr_table(trials)["number"].tolist() == [1, 2, 3, 4, 6]
@@ -120,7 +143,7 @@ def test_report_renders_with_diverged_and_errored_trials(hand_made):
     assert "Baseline, the base configuration (trial 1)" in text and "challenge not met (" in text
     assert "injected fault at epoch 1" in text  # the errored trial's message, in the table
     assert "python tuning/search.py --samples 6 --name hand" in text
-    assert text.count("data:image/png;base64,") == 3  # self-contained
+    assert text.count("data:image/png;base64,") == len(FIGURES) == 4  # self-contained
     assert "lr: 0.02" in text
 
 

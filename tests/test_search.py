@@ -95,8 +95,8 @@ def test_baseline_runs_first_in_full_and_is_marked(cli, tmp_path):
     # fp32 or bf16: it is stopped after epoch 1, before the stall rule could judge it at epoch 2.
     space = ("lr: [0.03, 1.0e-6, 2.0e-6, 4.0e-6]\nbatch_size: [128]\nepochs: 3\noptimizer: [nesterov]\n"
              "momentum: 0.9\n")
-    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--stopping", "asha",
-                           "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1")
+    status, out, err = run(cli, tmp_path, "--samples", "5", "--space", space_file(tmp_path, space), "--stopping",
+                           "asha", "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1")
     assert status == 0, err
     trials = pd.read_csv(tmp_path / "results" / "exp" / "trials.csv")
     baseline = trials[trials["baseline"]]
@@ -241,7 +241,8 @@ def test_synthetic_search_meets_the_challenge_and_the_baseline_does_not(cli, tmp
     # ... and the report drawn from it all
     page = (exp / "report" / "index.html").read_text()
     assert "Challenge met</b>" in page and "Confirmed with new seeds" in page
-    assert all((exp / "report" / f).exists() for f in ("learning_curves.png", "progress.png", "what_mattered.png"))
+    assert all((exp / "report" / f).exists() for f in ("learning_curves.png", "progress.png", "convergence.png",
+                                                                "what_mattered.png"))
 
 
 def test_smoke_test_runs_three_trials_of_two_epochs(cli, tmp_path):

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from trainable.data import DataError, Dataset, load_dataset
 from trainable.fit import Trainer, fit
 from trainable.hardware import (
     KEEP_FREED_MEMORY_ENV,
+    cpu_name,
     fast_bf16,
     flush_denormals,
     fused_note,
@@ -259,16 +259,6 @@ def synchronize(device: torch.device) -> None:
 
 def _counts(batches: list[int]) -> list[tuple[int, int]]:
     return [(b, batches.count(b)) for b in dict.fromkeys(batches)]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 from collections.abc import Callable
 
@@ -57,6 +58,42 @@ def fast_bf16(device: torch.device) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    return _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """This machine as a figure should name it: the CPU, its family and model, the cores this
+    process may use, the vector instructions torch uses, native bf16 or not; and the GPU, if CUDA
+    sees one."""
+    info = _cpuinfo()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    known = "cpu family" in info and "model" in info
+    family = f" (family {info['cpu family']}, model {info['model']})" if known else ""
+    isa = {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(torch.backends.cpu.get_cpu_capability(), "no AVX2")  # torch's
+    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16"
+    text = f"{cpu_name()}{family}, {cores} cores, {isa}, {bf16}"
+    if torch.cuda.is_available():
+        text += f"; {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import importlib.util
 import os
 import sys
 import tempfile
@@ -93,6 +94,8 @@ def plan(settings: SearchSettings, inputs: Inputs, *, prog: str = "hptune search
 
     if settings.tensorboard and not tensorboard.available():
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if settings.stopping == "syne-asha" and importlib.util.find_spec("syne_tune") is None:
+        raise UsageError('--stopping syne-asha needs Syne Tune: pip install -e ".[compare]"')
     inputs = _named_code(inputs, cluster=settings.address is not None)
     address = cluster_address(settings.address) if settings.address else None  # before anything is written
     if address:

@@ -171,6 +171,8 @@ class SearchSettings:
             "challenge_window": self.challenge_window,
             "baseline": self.baseline,
             "early_stop": self.early_stop,
+            "stopping": self.stopping,
+            "until_converged": self.until_converged,
             "warm_start": self.warm_start,
         }
 

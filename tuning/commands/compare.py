@@ -4,28 +4,33 @@ Every strategy is a real `tuning/search.py` run (same data, same number of sampl
 sampler seeds, our fast trainer), so only the strategy differs:
 
     ours           the default: the space's center first, then TPE over the define-by-run space,
-                   ASHA, stalled trials stopped
+                   the noise-aware stopping rule (tuning/noise.py), stalled trials stopped
+    asha           the same with Ray Tune's ASHA (rungs at 25% and 75% of each schedule, factor 3)
+    syne-asha      the same with Syne Tune's ASHA on those rungs (pip install -e ".[compare]")
+    converged      ours with --until-converged: --samples is the most it runs
     ray-tutorial   PyTorch's "Hyperparameter tuning with Ray Tune" recipe applied to this MLP:
                    random search, SGD with momentum 0.9, lr log-uniform 1e-4..1e-1, batch
                    {32, 64, 128, 256}, 10 epochs, ASHA (max_t 10, grace 1, reduction 2) on test loss
     optuna-tpe     Optuna's default as users run it without a scheduler: TPE over our space, every
                    trial to its end
-    random-asha    random search over our space, with our early stopping
+    random-asha    random search over our space, with ASHA
     ours-warm      with --warm-start EXPERIMENT: ours, --warm-samples trials (default half of
                    --samples), its study given the earlier experiment's trials first
 
-Per run it reads the experiment's journal: the trial-epochs and wall seconds until some epoch
-first reached 50% and 55% test accuracy, the best final accuracy (tuning.experiment.rank) and
-the trials meeting the challenge. Writes <out>/runs.csv, <out>/summary.csv, <out>/summary.md
-(medians over seeds) and <out>/compare.png (best test accuracy so far against trial-epochs and
-against wall time, the median over seeds per strategy).
+Per run it reads the experiment's journal: the trial-epochs and wall seconds of the whole search,
+and until some epoch first came within 0.5 and 0.3 points of the run's own final best test
+accuracy (the winner's, tuning.results.experiment.rank), that final best, and the share of trials
+meeting the challenge. Writes <out>/runs.csv, <out>/summary.csv, <out>/summary.md (medians over
+seeds, with the machine and the command) and <out>/compare.png (best test accuracy so far against
+trial-epochs and against wall time, the median over seeds per strategy).
 
-    hptune compare --data data/cifar10-jpeg --samples 20 --seeds 0 1 2
+    hptune compare --data data/cifar10-jpeg --samples 20 --seeds 0 1 2 --strategies ours asha syne-asha converged
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import statistics
 import sys
 import time
@@ -46,6 +51,7 @@ from trainable.cli import (
     positive_int,
 )
 from trainable.fileio import atomic_write_text
+from trainable.hardware import machine
 from tuning.results.experiment import Experiment, met
 
 PROG = "hptune compare"
@@ -58,7 +64,7 @@ class SearchStopped(KeyboardInterrupt):
         super().__init__(status)
         self.status = status
 
-THRESHOLDS = (0.50, 0.55)
+WITHIN = (0.005, 0.003)  # "within 0.5 and 0.3 points of the final best" (a share of the test set)
 RAY_TUTORIAL_SPACE = """\
 lr: {low: 1.0e-4, high: 1.0e-1, log: true}
 batch_size: [32, 64, 128, 256]
@@ -66,13 +72,17 @@ epochs: 10
 optimizer: sgd
 momentum: 0.9
 """
+DEFAULT_STRATEGIES = ["ours", "asha", "converged", "ray-tutorial", "optuna-tpe"]
 # strategy -> extra flags of tuning/search.py (every run also gets --no-baseline, --quiet, ...)
 STRATEGIES: dict[str, list[str]] = {
     "ours": [],
+    "asha": ["--stopping", "asha"],
+    "syne-asha": ["--stopping", "syne-asha"],
+    "converged": ["--until-converged"],
     "ray-tutorial": ["--space", "{ray_tutorial_space}", "--sampler", "random", "--objective", "test_loss",
                      "--grace-period", "1", "--reduction-factor", "2", "--no-center"],
     "optuna-tpe": ["--no-early-stop", "--no-center"],
-    "random-asha": ["--sampler", "random", "--no-center"],
+    "random-asha": ["--sampler", "random", "--no-center", "--stopping", "asha"],
 }
 
 
@@ -82,8 +92,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=20, metavar="N", help="trials per search (default 20)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                    help="sampler seeds (default 0 1 2)")
-    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES), metavar="NAME",
-                   help=f"which to run (default all: {', '.join(STRATEGIES)})")
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=DEFAULT_STRATEGIES, metavar="NAME",
+                   help=f"which to run, of {', '.join(STRATEGIES)} (default: {' '.join(DEFAULT_STRATEGIES)})")
     p.add_argument("--num-cpus", type=positive_int, metavar="N", help="CPUs for each search's local Ray (default: all)")
     p.add_argument("--warm-start", metavar="FOLDER",
                    help="also run ours-warm: our default, warm-started from this earlier experiment folder")
@@ -144,17 +154,19 @@ def progress(experiment: Experiment) -> pd.DataFrame:
 
 def measure(experiment: Experiment, strategy: str, seed: int) -> dict[str, Any]:
     curve = progress(experiment)
-    row: dict[str, Any] = {"strategy": strategy, "seed": seed}
-    for threshold in THRESHOLDS:
-        reached = curve[curve["best_test_accuracy"] >= threshold]
-        key = f"{round(100 * threshold)}"
+    best = experiment.best
+    final = (best.last or {}).get("test_accuracy") if best is not None else None
+    row: dict[str, Any] = {"strategy": strategy, "seed": seed, "trials": len(experiment.trials),
+                           "trial_epochs": len(curve),
+                           "seconds": float(curve["seconds"].iloc[-1]) if len(curve) else None}
+    for within in WITHIN:
+        reached = curve[curve["best_test_accuracy"] >= final - within - 1e-12] if final is not None else curve[:0]
+        key = f"{100 * within:g}"
         row[f"trial_epochs_to_{key}"] = int(reached["trial_epochs"].iloc[0]) if len(reached) else None
         row[f"seconds_to_{key}"] = float(reached["seconds"].iloc[0]) if len(reached) else None
-    best = experiment.best
-    row["best_test_accuracy"] = (best.last or {}).get("test_accuracy") if best is not None else None
-    row["trials_meeting_challenge"] = sum(met(t) for t in experiment.trials)
-    row["trial_epochs"] = len(curve)
-    row["seconds"] = float(curve["seconds"].iloc[-1]) if len(curve) else None
+    row["best_test_accuracy"] = final
+    row["challenge_share"] = (sum(met(t) for t in experiment.trials) / len(experiment.trials)
+                              if experiment.trials else None)
     return row
 
 
@@ -171,16 +183,25 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+COLUMNS = {  # summary.md: column -> heading
+    "strategy": "strategy", "trials": "trials", "trial_epochs": "trial-epochs", "seconds": "seconds",
+    "trial_epochs_to_0.5": "trial-epochs to within 0.5", "seconds_to_0.5": "seconds to within 0.5",
+    "trial_epochs_to_0.3": "trial-epochs to within 0.3", "seconds_to_0.3": "seconds to within 0.3",
+    "best_test_accuracy": "final best", "challenge_share": "trials meeting the challenge",
+}
+
+
 def markdown(summary: pd.DataFrame) -> str:
-    cols = ["strategy", "trial_epochs_to_50", "trial_epochs_to_55", "seconds_to_50", "seconds_to_55",
-            "best_test_accuracy", "trials_meeting_challenge", "trial_epochs", "seconds"]
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    cols = [c for c in COLUMNS if c in summary.columns]
+    head = "| " + " | ".join(COLUMNS[c] for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
 
     def cell(col: str, value: Any) -> str:
         if value is None or pd.isna(value):
             return "-"
         if col == "best_test_accuracy":
             return f"{100 * value:.1f}%"
+        if col == "challenge_share":
+            return f"{100 * value:.0f}%"
         return f"{value:.0f}" if isinstance(value, (int, float)) else str(value)
 
     return head + "".join("| " + " | ".join(cell(c, r[c]) for c in cols) + " |\n" for _, r in summary.iterrows())
@@ -203,8 +224,6 @@ def plot(curves: dict[str, list[pd.DataFrame]], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("best test accuracy so far (%)")
         ax.grid(alpha=0.3)
-        for threshold in THRESHOLDS:
-            ax.axhline(100 * threshold, color="grey", lw=0.6, ls=":")
     axes[0].legend()
     fig.suptitle("Search strategies on the same data and budget (median over seeds)")
     fig.tight_layout()
@@ -246,7 +265,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     table = markdown(summary)
-    atomic_write_text(out / "summary.md", table)
+    command = command_line(prog, sys.argv[1:] if argv is None else argv)
+    atomic_write_text(out / "summary.md", f"Machine: {machine()}; {dt.date.today():%Y-%m-%d}; medians over seeds "
+                      f"{' '.join(map(str, args.seeds))}.\nCommand: `{command}`\n\n{table}")
     plot(curves, out / "compare.png")
     print(f"\n{len(rows)} searches in {time.time() - started:.0f} s; medians over seeds {args.seeds}:\n")
     print(table)

@@ -7,6 +7,8 @@ after the search is gone, on a copied folder, without Ray. Writes results/<name>
     learning_curves.png  train and test loss, and test accuracy, per epoch: the best trials and
                          the tutorial's baseline (the tutorial's own figure), crossings marked
     progress.png         the objective of each trial in order, with the best so far
+    convergence.png      the best so far with its noise band against trial-epochs spent, and where
+                         the search converged (tuning/noise.py)
     what_mattered.png    final test accuracy against learning rate, by batch size; Optuna's
                          parameter importances
     index.html           one self-contained page: the verdict, the best configuration, the
@@ -34,11 +36,12 @@ from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_con
 from trainable.fileio import atomic_write_bytes, atomic_write_text
 from tuning.results import export as export_mod
 from tuning.results.console import baseline_label, fmt_params
-from tuning.results.experiment import Experiment, ExperimentError
+from tuning.results.experiment import Experiment, ExperimentError, ended_in_order
 from tuning.results.journal import DIVERGED, EARLY_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING
+from tuning.results.show import noise_lines
 
 PROG = "hptune report"
-FIGURES = ("learning_curves.png", "progress.png", "what_mattered.png")
+FIGURES = ("learning_curves.png", "progress.png", "convergence.png", "what_mattered.png")
 DPI = 110
 STATUS_STYLE = {  # marker and colour per trial status, one legend everywhere
     FINISHED: ("o", "tab:blue"),
@@ -88,6 +91,25 @@ def progress_table(trials_df: pd.DataFrame, mode: str) -> pd.DataFrame:
     best = (objective.cummax() if mode == "max" else objective.cummin()).ffill()  # NaN stays NaN in cummax
     return pd.DataFrame({"number": t["number"], "objective": objective, "status": t["status"],
                          "baseline": t["baseline"].astype(bool), "best_so_far": best}).reset_index(drop=True)
+
+
+def convergence_table(experiment: Experiment) -> pd.DataFrame:
+    """One row per trial that ended, in the order they ended: the trial-epochs and working seconds
+    spent by then, its final objective, the best so far and that best's standard error."""
+    journal, mode = experiment.journal, experiment.mode
+    working = journal.working_clock()
+    epoch_times = sorted(r["time"] for r in journal.epochs())
+    by_number = {t.number: t for t in experiment.trials}
+    rows, best, best_se = [], None, None
+    for e in ended_in_order(experiment.trials, mode, experiment.settings.objective):
+        value = None if e.value is None else (e.value if mode == "max" else -e.value)
+        if e.value is not None and (best is None or e.value > (best if mode == "max" else -best)):
+            best, best_se = value, e.se
+        rows.append({"number": e.number, "status": by_number[e.number].status,
+                     "trial_epochs": sum(t <= e.time for t in epoch_times), "seconds": working(e.time),
+                     "objective": value, "best_so_far": best, "best_se": best_se})
+    return pd.DataFrame(rows, columns=["number", "status", "trial_epochs", "seconds", "objective", "best_so_far",
+                                       "best_se"])
 
 
 def lr_table(trials_df: pd.DataFrame) -> pd.DataFrame:
@@ -170,6 +192,36 @@ def plot_progress(progress: pd.DataFrame, path: Path, objective: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_convergence(table: pd.DataFrame, converged: Any, path: Path, objective: str) -> None:
+    """The best so far (the answer the search would give if stopped then) with its noise band,
+    against trial-epochs spent; each ended trial's own result; where the search converged."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 4.2), dpi=DPI)
+    scale = 100 if objective == "test_accuracy" else 1
+    for status, group in table.groupby("status"):
+        marker, colour = STATUS_STYLE.get(status, ("o", "tab:purple"))
+        ax.scatter(group["trial_epochs"], scale * group["objective"], marker=marker, color=colour, s=35, label=status,
+                   zorder=3)
+    shown = table[table["best_so_far"].notna()]
+    if not shown.empty:
+        x, best, se = shown["trial_epochs"], scale * shown["best_so_far"], scale * shown["best_se"]
+        ax.step(x, best, where="post", color="tab:green", lw=2, label="best so far")
+        ax.fill_between(x, best - se, best + se, step="post", color="tab:green", alpha=0.2,
+                        label="± its standard error (the noise)")
+    if converged is not None:
+        at = table[table["number"] == converged.number]["trial_epochs"]
+        if len(at):
+            ax.axvline(at.iloc[0], color="black", ls="--", lw=1)
+            ax.annotate(f"converged at trial {converged.number}", (at.iloc[0], 0.02), xycoords=("data", "axes fraction"),
+                        xytext=(4, 0), textcoords="offset points", fontsize=8)
+    ax.set(title="Convergence: the best result so far and its noise, against the trial-epochs spent",
+           xlabel="trial-epochs spent (all trials)", ylabel=f"{objective}{' (%)' if scale == 100 else ''}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -261,6 +313,8 @@ def verdict_html(experiment: Experiment, trials_df: pd.DataFrame) -> str:
             continue
         lines.append(f"<p>Baseline, {baseline_label(t.config)} (trial {t.number}): test accuracy "
                      f"{100 * t.last['test_accuracy']:.1f}%; {html.escape(challenge.verdict_text(t.last, window))}.</p>")
+    for line in noise_lines(experiment):  # the ties with the winner, where the search converged
+        lines.append(f"<p>{html.escape(line)}</p>")
     if "slow_epoch" in trials_df:
         for _, t in trials_df[trials_df["slow_epoch"].notna()].iterrows():
             lines.append(f"<p class='no'>Trial {t['number']}: {html.escape(str(t['slow_epoch']))} "
@@ -400,7 +454,8 @@ def write_report(experiment: Experiment | str | Path, top: int = 5) -> Path:
     plot_learning_curves(curves_table(trials_df, epochs_df, experiment.mode, top), out / FIGURES[0],
                          settings.challenge_window)
     plot_progress(progress_table(trials_df, experiment.mode), out / FIGURES[1], settings.objective)
-    plot_what_mattered(lr_table(trials_df), study, out / FIGURES[2])
+    plot_convergence(convergence_table(experiment), experiment.convergence(), out / FIGURES[2], settings.objective)
+    plot_what_mattered(lr_table(trials_df), study, out / FIGURES[3])
     figures = {name: (out / name).read_bytes() for name in FIGURES}
     page = out / "index.html"
     atomic_write_text(page, index_html(experiment, trials_df, figures))
