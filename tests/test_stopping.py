@@ -10,15 +10,20 @@ the search did with it."""
 from __future__ import annotations
 
 import math
+import signal
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.drivers import running, signal_and_wait, wait_until_mid_search
+from tuning.engine.hooks import HOLD_ENV
 from tuning.noise import Curve, Ended, StoppingRule, converged_at, curve_of, objective_se, tied
 from tuning.results.experiment import Experiment
 from tuning.results.journal import EARLY_STOPPED, FINISHED, Journal
 from tuning.search import main as search
 
+SEARCH = str(Path(__file__).resolve().parent.parent / "tuning" / "search.py")
 SE = 0.005  # the noise of a test accuracy near 55% on 10,000 images
 
 
@@ -208,3 +213,33 @@ def test_until_converged_runs_on_while_the_best_still_climbs(cli, levels):
     assert exp.best.number == 9 and not exp.convergence().confirmed
     assert "Converged at trial 9" in out and "no trial after it yet" in out
     assert len(Journal(levels / "results" / "levels").times("end")) == 9
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
+def test_a_search_killed_mid_way_resumes_with_the_same_decisions(cli, levels, tmp_path):
+    # trial 1 (50%) finishes, trial 2 (30%) is stopped at its epoch 2; trial 3 (70%) then waits after
+    # its epoch 3 (HPTUNE_HOLD_TRIALS: the first trial to get there goes on) and the command is killed
+    argv = ["--loop", "levels.py:train", "--data", "synthetic", "--space", "levels.py:one_better", "--samples", "6",
+            "--no-baseline", "--no-center", "--sampler", "random", "--max-concurrent", "1", "--num-cpus", "2",
+            "--results-dir", "results", "--name", "killed", "--quiet"]
+    exp_dir, markers, log = levels / "results" / "killed", tmp_path / "markers", tmp_path / "first-run.log"
+    markers.mkdir()
+    with running(log, [SEARCH, *argv], env={HOLD_ENV: f"3:1:{markers}"}) as proc:
+        wait_until_mid_search(exp_dir, proc)
+        signal_and_wait(proc, signal.SIGKILL, log)
+    before = {t.number: (t.status, len(t.epochs)) for t in Experiment.load(exp_dir).trials if t.done}
+    assert before == {1: (FINISHED, 8), 2: (EARLY_STOPPED, 2)}
+    status, _, err = cli(search, argv)
+    assert status == 0, err
+    exp = Experiment.load(exp_dir)
+    # exactly 6 trials; the stopped one stays stopped, the cut one ran on from its checkpoint and the
+    # rest were judged as an uninterrupted search judges them (levels 50, 30, 70, 50, 50, 30%)
+    assert [(t.number, t.status, len(t.epochs)) for t in exp.trials] == [
+        (1, FINISHED, 8), (2, EARLY_STOPPED, 2), (3, FINISHED, 8), (4, EARLY_STOPPED, 2), (5, EARLY_STOPPED, 2),
+        (6, EARLY_STOPPED, 2)]
+    assert replay(exp) == {1: None, 2: 2, 3: None, 4: 2, 5: 2, 6: 2}
+    ours = {alias: t.number for t in exp.trials for alias in (t.trial, *t.aliases)}
+    ends = [ours[r["trial"]] for r in Journal(exp_dir).read() if r["event"] == "end"]
+    assert sorted(ends) == [1, 2, 3, 4, 5, 6]  # one end each: none stopped twice, none revived
+    assert len(pd.read_csv(exp_dir / "trials.csv")) == 6
