@@ -55,9 +55,10 @@ def test_gains_are_taken_at_the_same_share_of_each_schedule():
 
 
 def test_nothing_is_judged_before_the_grace_period_or_without_a_finished_trial():
-    finished = curve([0.5, 0.6, 0.7, 0.8])
-    assert StoppingRule([finished]).judge(curve([0.1], epochs=8)).go  # 12.5% of its schedule
-    assert not StoppingRule([finished]).judge(curve([0.1, 0.1], epochs=8)).go  # 25%: judged
+    finished = curve([0.5, 0.55, 0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78, 0.8])
+    assert StoppingRule([finished]).judge(curve([0.1], epochs=20)).go  # 5% of its schedule
+    assert not StoppingRule([finished]).judge(curve([0.1, 0.1], epochs=20)).go  # 10%: judged
+    assert StoppingRule([finished], grace=0.25).judge(curve([0.1, 0.1], epochs=20)).go  # --grace-period 25%
     assert StoppingRule([finished], grace_epochs=3).judge(curve([0.1, 0.1], epochs=8)).go  # --grace-period 3
     assert StoppingRule([]).judge(curve([0.1, 0.1], epochs=8)).go
     assert StoppingRule([curve([0.5, 0.6], epochs=4)]).finished == []  # not its whole schedule: no incumbent
@@ -171,13 +172,14 @@ def test_a_trial_that_cannot_change_the_answer_stops_at_its_first_judgement_and_
     assert status == 0, err
     exp = Experiment.load(levels / "results" / "levels")
     by_number = {t.number: t for t in exp.trials}
-    assert [round(t.last["test_accuracy"], 3) for t in exp.trials] == [0.5, 0.075, 0.7, 0.125]
-    # trial 2 (reaches 30%) at 25% of its schedule: 7.5% + the 37.5 points trial 1 gained from there
-    # + its noise stays below 50% + trial 1's noise; trial 3 (reaches 70%) can beat it and runs on;
-    # trial 4 (a copy of trial 1) can only tie the incumbent, trial 3, and stops at once too
+    assert [round(t.last["test_accuracy"], 4) for t in exp.trials] == [0.5, 0.0375, 0.7, 0.0625]
+    # trial 2 (reaches 30%) at its first judgement, epoch 1 of 8 (12.5%, past the 10% grace): 3.75%
+    # + the 43.75 points trial 1 gained from there + its noise (0.8 points) stays below 50% + trial 1's
+    # noise (2.2 points); trial 3 (reaches 70%) can beat it and runs on; trial 4 (a copy of trial 1)
+    # can only tie the incumbent, trial 3, and stops at once too
     assert [(by_number[n].status, len(by_number[n].epochs)) for n in (1, 2, 3, 4)] == \
-        [(FINISHED, 8), (EARLY_STOPPED, 2), (FINISHED, 8), (EARLY_STOPPED, 2)]
-    assert replay(exp) == {1: None, 2: 2, 3: None, 4: 2}  # what ran is what the rule says, epoch by epoch
+        [(FINISHED, 8), (EARLY_STOPPED, 1), (FINISHED, 8), (EARLY_STOPPED, 1)]
+    assert replay(exp) == {1: None, 2: 1, 3: None, 4: 1}  # what ran is what the rule says, epoch by epoch
     epochs = pd.read_csv(levels / "results" / "levels" / "epochs.csv")
     assert {"test_accuracy_se", "objective_se"} <= set(epochs.columns)
     se = epochs.loc[epochs["number"] == 1, "test_accuracy_se"].iloc[-1]
@@ -196,7 +198,7 @@ def test_until_converged_ends_a_search_of_ties_and_says_so(cli, levels):
     found = exp.convergence()
     assert (found.number, found.after, found.confirmed) == (1, 7, True)
     assert "Converged at trial 1" in out and "--until-converged stopped the search there" in out
-    assert "Tied" not in out  # the copies stopped at a quarter: no final result to tie with
+    assert "Tied" not in out  # the copies stopped at their first judgement: no final result to tie with
     # the same command again: the finished experiment is not run again
     status, _, err = run_levels(cli, "ties", 20, "--until-converged")
     assert status == 2 and "finished experiment" in err
@@ -218,7 +220,7 @@ def test_until_converged_runs_on_while_the_best_still_climbs(cli, levels):
 @pytest.mark.slow
 @pytest.mark.usefixtures("shared_ray")
 def test_a_search_killed_mid_way_resumes_with_the_same_decisions(cli, levels, tmp_path):
-    # trial 1 (50%) finishes, trial 2 (30%) is stopped at its epoch 2; trial 3 (70%) then waits after
+    # trial 1 (50%) finishes, trial 2 (30%) is stopped at its epoch 1; trial 3 (70%) then waits after
     # its epoch 3 (HPTUNE_HOLD_TRIALS: the first trial to get there goes on) and the command is killed
     argv = ["--loop", "levels.py:train", "--data", "synthetic", "--space", "levels.py:one_better", "--samples", "6",
             "--no-baseline", "--no-center", "--sampler", "random", "--max-concurrent", "1", "--num-cpus", "2",
@@ -229,16 +231,16 @@ def test_a_search_killed_mid_way_resumes_with_the_same_decisions(cli, levels, tm
         wait_until_mid_search(exp_dir, proc)
         signal_and_wait(proc, signal.SIGKILL, log)
     before = {t.number: (t.status, len(t.epochs)) for t in Experiment.load(exp_dir).trials if t.done}
-    assert before == {1: (FINISHED, 8), 2: (EARLY_STOPPED, 2)}
+    assert before == {1: (FINISHED, 8), 2: (EARLY_STOPPED, 1)}
     status, _, err = cli(search, argv)
     assert status == 0, err
     exp = Experiment.load(exp_dir)
     # exactly 6 trials; the stopped one stays stopped, the cut one ran on from its checkpoint and the
     # rest were judged as an uninterrupted search judges them (levels 50, 30, 70, 50, 50, 30%)
     assert [(t.number, t.status, len(t.epochs)) for t in exp.trials] == [
-        (1, FINISHED, 8), (2, EARLY_STOPPED, 2), (3, FINISHED, 8), (4, EARLY_STOPPED, 2), (5, EARLY_STOPPED, 2),
-        (6, EARLY_STOPPED, 2)]
-    assert replay(exp) == {1: None, 2: 2, 3: None, 4: 2, 5: 2, 6: 2}
+        (1, FINISHED, 8), (2, EARLY_STOPPED, 1), (3, FINISHED, 8), (4, EARLY_STOPPED, 1), (5, EARLY_STOPPED, 1),
+        (6, EARLY_STOPPED, 1)]
+    assert replay(exp) == {1: None, 2: 1, 3: None, 4: 1, 5: 1, 6: 1}
     ours = {alias: t.number for t in exp.trials for alias in (t.trial, *t.aliases)}
     ends = [ours[r["trial"]] for r in Journal(exp_dir).read() if r["event"] == "end"]
     assert sorted(ends) == [1, 2, 3, 4, 5, 6]  # one end each: none stopped twice, none revived

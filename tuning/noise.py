@@ -6,7 +6,7 @@ The noise. A trial's final objective is a mean over the test set, so it moves by
 standard error: `test_accuracy_se` = sqrt(acc (1 - acc) / N), about 0.5 points at 55% on CIFAR-10's
 10,000 test images; `test_loss_se` for --objective test_loss.
 
-The stopping rule (the default). From a quarter of its schedule on (`grace`), a trial is judged
+The stopping rule (the default). From a tenth of its schedule on (`grace`), a trial is judged
 after every epoch against the incumbent, the best trial that ran its whole schedule:
 
     potential = its objective now + the largest gain any finished trial made from the same share
@@ -36,7 +36,7 @@ from typing import Any
 
 from tuning.objective import OBJECTIVES
 
-GRACE = 0.25  # no trial is judged before this share of its schedule
+GRACE = 0.10  # no trial is judged before this share of its schedule (settings.DEFAULT_GRACE)
 OWN_SES = 1.0  # a trial's optimism: its objective now plus this many of its standard errors
 INCUMBENT_SES = 1.0  # "beats the incumbent": by more than this many of the incumbent's standard errors
 WINDOW = 5  # --until-converged: this many trials in a row that left the best within noise

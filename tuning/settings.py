@@ -20,7 +20,8 @@ SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 # who stops a trial early (tuning/engine/schedulers.py): the noise rule, Ray Tune's ASHA, Syne Tune's
 STOPPING = ("noise", "asha", "syne-asha")
 DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
-DEFAULT_GRACE = "25%"
+# the first point a trial is judged at, by stopping rule, unless --grace-period says (a share of its schedule)
+DEFAULT_GRACE = {"noise": 0.10, "asha": 0.25, "syne-asha": 0.25}
 # Splits larger than this (bytes, as tensors) are not loaded into memory once for all trials: each
 # trial reads a map-style Dataset through a DataLoader instead (--data-memory raises it).
 DEFAULT_DATA_MEMORY = 8 << 30
@@ -69,7 +70,7 @@ class SearchSettings:
     early_stop: bool = True  # the stopping rule and the stall rule
     stopping: str = "noise"  # one of STOPPING
     until_converged: bool = False  # start no new trial once the best can no longer improve beyond its noise
-    grace: Grace = Grace("progress", 0.25)  # the first point a trial is judged at (ASHA's first rung)
+    grace: Grace | None = None  # the first point a trial is judged at (ASHA's first rung); None: DEFAULT_GRACE
     reduction_factor: float = 3.0  # ASHA keeps the best 1/F at each rung
     time_budget: float | None = None  # seconds after which the search stops (running trials: interrupted)
     smoke_test: bool = False  # synthetic data, 3 samples, 2 epochs
@@ -141,6 +142,10 @@ class SearchSettings:
         """'max' or 'min': the direction of the objective."""
         return OBJECTIVES[self.objective][1]
 
+    def grace_period(self) -> Grace:
+        """The grace period in force: --grace-period, or the stopping rule's own (DEFAULT_GRACE)."""
+        return self.grace if self.grace is not None else Grace("progress", DEFAULT_GRACE.get(self.stopping, 0.25))
+
     def replace(self, **changes: Any) -> SearchSettings:
         return dataclasses.replace(self, **changes)
 
@@ -148,7 +153,7 @@ class SearchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        values["grace"] = str(self.grace)
+        values["grace"] = None if self.grace is None else str(self.grace)
         return values
 
     @classmethod
@@ -157,7 +162,7 @@ class SearchSettings:
         (a folder written by a newer version still opens), missing ones take the defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         kept = {k: v for k, v in values.items() if k in known}
-        if "grace" in kept and not isinstance(kept["grace"], Grace):
+        if kept.get("grace") is not None and not isinstance(kept["grace"], Grace):
             kept["grace"] = Grace.parse(kept["grace"])
         return cls(**kept)
 

@@ -35,7 +35,6 @@ from tuning import driver
 from tuning.noise import MIN_TRIALS, WINDOW
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from tuning.settings import (
-    DEFAULT_GRACE,
     DEFAULT_SAMPLES,
     SAMPLERS,
     SMOKE_SAMPLES,
@@ -111,8 +110,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "--samples is then the most it runs")
     s.add_argument("--no-early-stop", action="store_true",
                    help="no stopping rule: every trial runs all its epochs")
-    s.add_argument("--grace-period", type=grace_period, default=DEFAULT_GRACE, metavar="P%|N",
-                   help="the first point a trial is judged at: P%% of each trial's own schedule (default 25%%; ASHA's "
+    s.add_argument("--grace-period", type=grace_period, metavar="P%|N",
+                   help="the first point a trial is judged at: P%% of each trial's own schedule (default 10%% for the "
+                        "noise rule, 25%% for ASHA; ASHA's "
                         "later rungs at P%% times the reduction factor, so trials are compared at the same point of "
                         "their schedules, before or after annealing alike), or N epochs (as in Ray Tune's examples)")
     s.add_argument("--reduction-factor", type=float, default=3.0, metavar="F",
@@ -191,7 +191,8 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         early_stop=not args.no_early_stop,
         stopping=args.stopping,
         until_converged=args.until_converged,
-        grace=args.grace_period if isinstance(args.grace_period, Grace) else Grace.parse(args.grace_period),
+        grace=(args.grace_period if isinstance(args.grace_period, Grace) or args.grace_period is None
+               else Grace.parse(args.grace_period)),
         reduction_factor=args.reduction_factor,
         time_budget=args.time_budget,
         smoke_test=args.smoke_test,

@@ -52,7 +52,7 @@ def scheduler_for(experiment: Experiment, pending: list[TrialRecord], max_epochs
     objective, mode = settings.objective, settings.mode
     finished = [curve_of(t.epochs, t.config["epochs"], objective, mode) for t in experiment.trials
                 if t.status == FINISHED]
-    grace = settings.grace
+    grace = settings.grace_period()
     rule = StoppingRule(finished, **({"grace": grace.value} if grace.time_attr == "progress"
                                      else {"grace_epochs": int(grace.value)}))
     earlier = {t.trial: curve_of(t.epochs, t.config["epochs"], objective, mode) for t in pending}
