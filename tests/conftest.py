@@ -6,7 +6,13 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest's hook
-    """Tests marked `gpu` run where CUDA is present and are skipped, saying why, everywhere else."""
+    """The fast tier (`-m fast`): every test that is neither slow nor heavy, and the `smoke` ones,
+    one end-to-end search of each kind. Tests marked `gpu` run where CUDA is present and are
+    skipped, saying why, everywhere else."""
+    for item in items:
+        keywords = item.keywords
+        if "smoke" in keywords or ("slow" not in keywords and "heavy" not in keywords):
+            item.add_marker(pytest.mark.fast)
     gpu_tests = [item for item in items if "gpu" in item.keywords]
     if not gpu_tests:
         return

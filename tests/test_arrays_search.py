@@ -73,7 +73,8 @@ def splits(n=1200):
 USER_SPACE = SHARED_SPACE.replace("batch_size: [128]", "batch_size: [32]") + "model.width: [16, 32]\n"
 
 
-@pytest.mark.parametrize("model", ["mlp", pytest.param("own-model", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("model", [pytest.param("mlp", marks=pytest.mark.smoke),
+                                   pytest.param("own-model", marks=pytest.mark.heavy)])
 def test_array_members_train_as_their_separate_runs_and_are_trials_of_their_own(cli, tmp_path, model):
     space, extra = SHARED_SPACE, []
     if model == "own-model":

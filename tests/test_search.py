@@ -37,6 +37,7 @@ def space_file(tmp_path, text: str = FAST_SPACE):
     return str(path)
 
 
+@pytest.mark.smoke
 def test_search_writes_consistent_outputs(cli, tmp_path):
     status, out, err = run(cli, tmp_path, "--samples", "4", "--space", space_file(tmp_path), "--no-baseline")
     assert status == 0, err

@@ -166,6 +166,7 @@ def replay(exp: Experiment) -> dict[int, int | None]:
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 @pytest.mark.usefixtures("shared_ray")
 def test_a_trial_that_cannot_change_the_answer_stops_at_its_first_judgement_and_one_that_can_runs_on(cli, levels):
     status, _, err = run_levels(cli, "one_better", 4)
@@ -217,7 +218,7 @@ def test_until_converged_runs_on_while_the_best_still_climbs(cli, levels):
     assert len(Journal(levels / "results" / "levels").times("end")) == 9
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # a driver process killed and resumed: test_reliability.py keeps one in the default run
 @pytest.mark.usefixtures("shared_ray")
 def test_a_search_killed_mid_way_resumes_with_the_same_decisions(cli, levels, tmp_path):
     # trial 1 (50%) finishes, trial 2 (30%) is stopped at its epoch 1; trial 3 (70%) then waits after
