@@ -1,7 +1,7 @@
 """hptune report results/<name>: figures and an HTML page from an experiment folder.
 
 Reads only the files in the folder (experiment.json and journal.jsonl through
-tuning.experiment.Experiment; optuna.db, best_config.yaml and confirm.csv if there), so it works
+tuning.results.experiment.Experiment; optuna.db, best_config.yaml and confirm.csv if there), so it works
 after the search is gone, on a copied folder, without Ray. Writes results/<name>/report/:
 
     learning_curves.png  train and test loss, and test accuracy, per epoch: the best trials and
@@ -65,7 +65,7 @@ def read_tables(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def top_trials(trials_df: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The k best rows by their `rank` (tuning.experiment.rank), best first."""
+    """The k best rows by their `rank` (tuning.results.experiment.rank), best first."""
     return trials_df[trials_df["rank"].notna()].sort_values("rank").head(k)
 
 
@@ -364,7 +364,7 @@ def _cell(value: Any) -> str:
 
 def trials_table_html(trials_df: pd.DataFrame, mode: str) -> str:
     """The sortable trials table, best objective first; the baseline and the best trial highlighted."""
-    shown = trials_df.sort_values(["rank", "number"], na_position="last")  # the ranking: tuning.experiment.rank
+    shown = trials_df.sort_values(["rank", "number"], na_position="last")  # the ranking: tuning.results.experiment.rank
     columns = [c for c in TABLE_FIRST if c in shown]
     columns += [c for c in shown if c not in TABLE_FIRST and c not in TABLE_HIDDEN]
     best = top_trials(trials_df, 1)["trial"].tolist()
