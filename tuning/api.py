@@ -93,10 +93,7 @@ def search(
         reference = reference_of(data) if callable(data) and not hasattr(data, "__getitem__") else None
         inputs.base = inputs.base.with_updates(data=reference or UNNAMED)
         inputs.data = data
-    if settings.name is None:
-        import datetime as dt
-
-        settings = settings.replace(name=dt.datetime.now().strftime("search-%Y%m%d-%H%M%S"))
+    settings = settings.named()
     inputs.command = f"{PROG}(..., name={settings.name!r}) with the same arguments"
     try:
         outcome = driver.run(settings, inputs, prog=PROG)

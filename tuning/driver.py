@@ -109,8 +109,8 @@ def plan(settings: SearchSettings, inputs: Inputs, *, prog: str = "hptune search
     fingerprint = {**settings.fingerprint(), "space": meta_space, "base": base.to_dict()}
     results = Path(settings.results_dir).expanduser().resolve()
     _check_writable(results)
-    name = settings.name or dt.datetime.now().strftime("search-%Y%m%d-%H%M%S")
-    settings = settings.replace(name=name)
+    settings = settings.named()
+    name = settings.name
     claimed = experiment_mod.claim(results, name, restart=settings.restart)
     old = claimed.old_meta
     if old is not None and claimed.replaces is None:

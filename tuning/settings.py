@@ -146,6 +146,14 @@ class SearchSettings:
         """The grace period in force: --grace-period, or the stopping rule's own (DEFAULT_GRACE)."""
         return self.grace if self.grace is not None else Grace("progress", DEFAULT_GRACE.get(self.stopping, 0.25))
 
+    def named(self) -> SearchSettings:
+        """These settings with a name: their own, or `search-YYYYmmdd-HHMMSS` (now) if they have none."""
+        if self.name is not None:
+            return self
+        import datetime as dt
+
+        return self.replace(name=dt.datetime.now().strftime("search-%Y%m%d-%H%M%S"))
+
     def replace(self, **changes: Any) -> SearchSettings:
         return dataclasses.replace(self, **changes)
 

@@ -248,11 +248,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     try:
-        settings = settings_from_args(args)
-        if settings.name is None:
-            import datetime as dt
-
-            settings = settings.replace(name=dt.datetime.now().strftime("search-%Y%m%d-%H%M%S"))
+        settings = settings_from_args(args).named()
         space = load_space(args.space) if args.space else default_space(args.smoke_test)
         if args.smoke_test:
             space = smoke(space)
