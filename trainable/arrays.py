@@ -86,7 +86,7 @@ from torch import nn
 
 from trainable import challenge
 from trainable.config import TrainConfig
-from trainable.fit import accuracy_se, complete_metrics, epoch_lr, epoch_seed, make_optimizer
+from trainable.fit import epoch_lr, epoch_metrics, epoch_seed, make_optimizer
 from trainable.hardware import autocast_dtype, flush_denormals, keep_freed_memory, precision_label, select_device
 from trainable.loops import DIVERGENCE_CHECK_STEPS, autocast, to_unit
 from trainable.models import build_model, factory_of
@@ -705,19 +705,12 @@ class ArrayTrainer:
     def _record(self, member: int, epoch: int, train_loss: float, train_accuracy: float, test_loss: float,
                 test_accuracy: float, test_loss_se: float, seconds: float, train_seconds: float) -> dict[str, Any]:
         """The Trainer's metrics dict for one member's epoch, appended to its history."""
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "test_loss_se": test_loss_se,
-            "test_accuracy_se": accuracy_se(test_accuracy, self.test_y.shape[0]),
-            "epoch_seconds": seconds,  # the array's wall time, shared by its members
-            "samples_per_second": self.train_y.shape[0] / train_seconds,  # this member's images, training only
-        }
         history = self._histories[member]
-        complete_metrics(metrics, history, self.challenge_window, self.num_classes)
+        # epoch_seconds: the array's wall time, shared by its members; samples_per_second: this member's images
+        metrics = epoch_metrics(epoch, train_loss=train_loss, train_accuracy=train_accuracy, test_loss=test_loss,
+                                test_accuracy=test_accuracy, test_loss_se=test_loss_se, test_size=self.test_y.shape[0],
+                                epoch_seconds=seconds, samples_per_second=self.train_y.shape[0] / train_seconds,
+                                history=history, window=self.challenge_window, classes=self.num_classes)
         history.append(metrics)
         return metrics
 

@@ -130,6 +130,25 @@ def complete_metrics(metrics: dict[str, Any], history: Sequence[Mapping[str, Any
     return metrics
 
 
+def epoch_metrics(epoch: int, *, train_loss: float, train_accuracy: float, test_loss: float, test_accuracy: float,
+                  test_loss_se: float, test_size: int, epoch_seconds: float, samples_per_second: float,
+                  history: Sequence[Mapping[str, Any]], window: int, classes: int) -> dict[str, Any]:
+    """One epoch's metrics as every trainer reports them (METRICS): the measurements, their noise,
+    and the verdicts over the history so far (complete_metrics)."""
+    metrics: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "test_loss_se": test_loss_se,  # standard error of test_loss: its noise
+        "test_accuracy_se": accuracy_se(test_accuracy, test_size),  # and of test_accuracy
+        "epoch_seconds": epoch_seconds,  # training and evaluation
+        "samples_per_second": samples_per_second,  # training only
+    }
+    return complete_metrics(metrics, history, window, classes)
+
+
 class Trainer:
     """Model, optimizer and device-resident data for one configuration; resumable by state.
 
@@ -227,18 +246,10 @@ class Trainer:
             test_loss, test_accuracy, test_loss_se = evaluate(self.model, self.test_inputs, self.test_labels,
                                                               autocast_dtype=self.amp_dtype)
         seconds = time.perf_counter() - start
-        metrics: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "test_loss_se": test_loss_se,  # standard error of test_loss: its noise
-            "test_accuracy_se": accuracy_se(test_accuracy, self.test_size),  # and of test_accuracy
-            "epoch_seconds": seconds,  # training and evaluation
-            "samples_per_second": self.train_size / train_seconds,  # training only
-        }
-        complete_metrics(metrics, self.history, self.challenge_window, self.classes)
+        metrics = epoch_metrics(epoch, train_loss=train_loss, train_accuracy=train_accuracy, test_loss=test_loss,
+                                test_accuracy=test_accuracy, test_loss_se=test_loss_se, test_size=self.test_size,
+                                epoch_seconds=seconds, samples_per_second=self.train_size / train_seconds,
+                                history=self.history, window=self.challenge_window, classes=self.classes)
         self.history.append(metrics)
         return metrics
 
