@@ -265,7 +265,7 @@ def test_bad_user_code_is_one_line_exit_2_and_writes_nothing(cli, user, extra, m
 
 def test_a_lambda_cannot_be_shipped_to_a_cluster(user):
     import hptune
-    from trainable.cli import UsageError
+    from trainable.errors import UsageError
 
     with pytest.raises(UsageError, match="cannot be shipped to a cluster: it has no importable name"):
         hptune.search(model=lambda input_shape, num_classes: None, data="synthetic", address="127.0.0.1:1",

@@ -10,18 +10,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-USAGE_ERROR = 2  # exit status for bad input, as argparse uses
-INTERRUPTED_STATUS = 130  # what a shell reports for Ctrl-C (128 + SIGINT)
-TERMINATED_STATUS = 143  # ... and for SIGTERM (128 + SIGTERM), what schedulers send before SIGKILL
+from trainable.errors import USAGE_ERROR
 
 
 def command_line(prog: str, argv: Sequence[str]) -> str:
     """What a user types to run `prog` with `argv` again, quoted for a shell."""
     return " ".join([prog, *map(shlex.quote, argv)])
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from trainable.cli import INTERRUPTED_STATUS, TERMINATED_STATUS, UsageError
 from trainable.config import TrainConfig
+from trainable.errors import INTERRUPTED_STATUS, TERMINATED_STATUS, UsageError
 from trainable.refs import UNNAMED, is_reference, reference_of
 from tuning import driver
 from tuning.results.experiment import Experiment

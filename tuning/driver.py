@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainable.cli import UsageError
 from trainable.config import ConfigError, TrainConfig
 from trainable.data import Data, DataError, StreamedData, from_splits, load_dataset
+from trainable.errors import UsageError
 from trainable.fileio import atomic_write_text, write_error
 from trainable.models import DEFAULT_MODEL, ModelError, check_model_args, factory_of
 from trainable.refs import UNNAMED, BadReferenceError, UserCodeError, call_user, reference_of

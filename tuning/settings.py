@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from trainable.cli import UsageError
+from trainable.errors import UsageError
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")

@@ -40,16 +40,8 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.cli import (
-    INTERRUPTED_STATUS,
-    TERMINATED_STATUS,
-    OneLineParser,
-    add_data_args,
-    command_line,
-    data_flags,
-    fail,
-    positive_int,
-)
+from trainable.cli import OneLineParser, add_data_args, command_line, data_flags, fail, positive_int
+from trainable.errors import INTERRUPTED_STATUS, TERMINATED_STATUS
 from trainable.fileio import atomic_write_text
 from trainable.hardware import machine
 from tuning.results.experiment import Experiment, met

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from trainable.cli import USAGE_ERROR
+from trainable.errors import USAGE_ERROR
 
 # subcommand -> (module with main(argv, prog), what it does)
 COMMANDS = {

@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 
-from trainable.cli import UsageError
+from trainable.errors import UsageError
 from tuning.engine.usercode import UserCode
 from tuning.interrupts import handlers_kept, sigint_handler
 from tuning.settings import SearchSettings
