@@ -332,7 +332,9 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
         if started_ray:  # the trials stop here; what they reported is in the journal
             cluster.stop_ray()
             started_ray = False
-        save_interrupted(experiment, settings, prog)
+        from tuning.results.report import save_interrupted
+
+        save_interrupted(experiment, settings.top, prog)
         print(f"\nInterrupted ({interrupt.name}). Finished trials are kept in {plan.folder}; resume with:\n  "
               f"{meta['command']}", file=sys.stderr, flush=True)
         return Outcome(interrupt.status, experiment)
@@ -362,22 +364,6 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
         print(f"{prog}: error: no trial finished; see the errors in {paths['trials']}", file=sys.stderr)
         return Outcome(1, experiment)
     return Outcome(0, experiment)
-
-
-def save_interrupted(experiment: Experiment, settings: SearchSettings, prog: str) -> None:
-    """The CSV files and the report of an interrupted search, its stopped trials shown as
-    interrupted; nothing if the folder was never written. Each is optional: the journal is the
-    record, and the next run writes them again."""
-    if not (experiment.folder / experiment_mod.EXPERIMENT).exists():
-        return
-    try:
-        export_mod.export(experiment.reload())
-        from tuning.results.report import write_report
-
-        write_report(experiment, top=settings.top)
-    except Exception as exc:  # noqa: BLE001 - the journal has everything; the resumed search writes them again
-        print(f"{prog}: warning: the CSV files or the report of the interrupted search could not be written ({exc})",
-              file=sys.stderr)
 
 
 class InputError(ValueError):

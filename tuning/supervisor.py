@@ -144,14 +144,14 @@ def finish_for_the_child(folder: Path, code: int, received: list[int], prog: str
     except Timeout:  # another search took the folder over: it is theirs to finish
         return code
     try:
-        from tuning.driver import save_interrupted
         from tuning.results.experiment import Experiment
+        from tuning.results.report import save_interrupted
 
         experiment = Experiment.load(folder)
         if experiment.meta.get("status") != "finished":
             experiment.mark("interrupted")
         if len(received) < 2:  # a second signal: whoever sent it wants the process gone now
-            save_interrupted(experiment, experiment.settings, prog)
+            save_interrupted(experiment, experiment.settings.top, prog)
         command = experiment.meta.get("command", "the same command")
     except Exception as exc:  # noqa: BLE001 - the journal is the record; the next search reads it
         print(f"{prog}: warning: could not mark {folder} interrupted ({exc}); the same command resumes it",

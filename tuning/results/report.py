@@ -442,6 +442,23 @@ Click a column to sort; scroll sideways for the rest.
 """
 
 
+def save_interrupted(experiment: Experiment, top: int, prog: str) -> None:
+    """The CSV files and the report of an interrupted search, its stopped trials shown as
+    interrupted; nothing if the folder was never written. Each is optional: the journal is the
+    record, and the next run writes them again. (The driver's, and the supervisor's when the
+    search's process could not.)"""
+    from tuning.results.experiment import EXPERIMENT
+
+    if not (experiment.folder / EXPERIMENT).exists():
+        return
+    try:
+        export_mod.export(experiment.reload())
+        write_report(experiment, top=top)
+    except Exception as exc:  # noqa: BLE001 - the journal has everything; the resumed search writes them again
+        print(f"{prog}: warning: the CSV files or the report of the interrupted search could not be written ({exc})",
+              file=sys.stderr)
+
+
 def write_report(experiment: Experiment | str | Path, top: int = 5) -> Path:
     """Draw the figures and write index.html into <folder>/report/; returns the page's path."""
     if not isinstance(experiment, Experiment):
