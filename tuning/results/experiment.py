@@ -1,6 +1,7 @@
 """An experiment folder, results/<name>/, as one object: its settings and status
 (experiment.json), its trials (from journal.jsonl, the source of truth), the lock held while a
-search runs it, --restart, and rank(): the ONE place a best trial is chosen.
+search runs it, --restart, and its ranking (rank(), tuning/results/ranking.py: the ONE place a best
+trial is chosen).
 
 Everything here reads the folder it is given, so a copied folder reads the same. Nothing here
 imports Ray. From Python:
@@ -25,37 +26,15 @@ from filelock import FileLock, Timeout
 from trainable.config import TrainConfig
 from trainable.fileio import atomic_write_text
 from tuning.noise import Convergence, Ended, converged_at, objective_se, tied
-from tuning.results.journal import DIVERGED, ERRORED, INTERRUPTED, Journal, TrialRecord, trials
+from tuning.results.journal import Journal, TrialRecord, trials
+from tuning.results.ranking import RANKED_OUT, final_objective, met, rank
 from tuning.settings import SearchSettings
 
 EXPERIMENT = "experiment.json"
-RANKED_OUT = (ERRORED, INTERRUPTED, DIVERGED)  # no final result to rank
 
 
 class ExperimentError(RuntimeError):
     """An experiment folder that cannot be read or run; the message says which and why."""
-
-
-def final_objective(trial: TrialRecord) -> float | None:
-    last = trial.last
-    if last is None or trial.status == ERRORED:
-        return None
-    value = last.get("objective")
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def rank(all_trials: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
-    """Trials best first: those meeting the challenge by their objective, then the others by
-    their objective. Errored, diverged and interrupted trials have no final result and are
-    left out. The winner is rank(...)[0]: the most accurate trial that meets the challenge, or,
-    if none does, the most accurate trial (for --objective test_accuracy)."""
-    sign = 1 if mode == "max" else -1
-    scored = [t for t in all_trials if t.status not in RANKED_OUT and final_objective(t) is not None]
-    return sorted(scored, key=lambda t: (not met(t), -sign * final_objective(t), t.number))  # type: ignore[operator]
-
-
-def met(trial: TrialRecord) -> bool:
-    return bool((trial.last or {}).get("challenge_met"))
 
 
 def final_se(trial: TrialRecord, objective: str) -> float:
@@ -119,14 +98,14 @@ class Experiment:
         return TrainConfig.from_dict(best.config) if best is not None else None
 
     def trials_dataframe(self):  # noqa: ANN201 - a pandas DataFrame (pandas imported on use)
-        """One row per trial, as trials.csv (tuning.results.export.trials_table)."""
-        from tuning.results.export import trials_table
+        """One row per trial, as trials.csv (tuning.results.tables.trials_table)."""
+        from tuning.results.tables import trials_table
 
         return trials_table(self.trials, self.mode, running=self.running)
 
     def epochs_dataframe(self):  # noqa: ANN201
         """One row per trial and epoch, as epochs.csv."""
-        from tuning.results.export import epochs_table
+        from tuning.results.tables import epochs_table
 
         return epochs_table(self.trials)
 
