@@ -1,7 +1,7 @@
 """Test hooks: how the test suite makes a trial raise or wait, so that tests wait for events
 instead of guessing how fast a machine is. Read by the search driver from its environment (never
-by the workers) and handed to every trial; the trial function calls `after_epoch` once per epoch.
-Nothing here runs unless the variables are set.
+by the workers) and handed to every trial only if one is set: a search without them installs no
+hook, and its trials call nothing here.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ class Hooks:
     hold: str | None = None
 
     @classmethod
-    def from_environment(cls) -> Hooks:
-        return cls(os.environ.get(FAULT_ENV) or None, os.environ.get(HOLD_ENV) or None)
+    def from_environment(cls) -> Hooks | None:
+        """The hooks the environment asks for; None (nothing installed) where it asks for none."""
+        fault, hold = os.environ.get(FAULT_ENV) or None, os.environ.get(HOLD_ENV) or None
+        return cls(fault, hold) if fault or hold else None
 
     def before_report(self, epoch: int, config: Any, trial_id: str) -> None:
         """After training epoch `epoch`, before it is reported: the injected fault, if due."""

@@ -50,7 +50,7 @@ class TrialSetup:
     threads: int  # torch threads: the trial's whole CPUs
     stop_stalled: bool = True
     checkpoints: Mapping[str, str] = field(default_factory=dict)  # interrupted trial -> its last checkpoint
-    hooks: Hooks = Hooks()
+    hooks: Hooks | None = None  # test hooks, only where the environment asks for them
     code: UserCode = field(default_factory=UserCode)
     array_server: Any = None  # --arrays: the actor that trains this search's trials together
 
@@ -79,7 +79,8 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
     def report(metrics: dict[str, Any], history: list[dict[str, Any]], data_device: str,
                save: Any) -> bool:
         """Report one epoch to Tune with its checkpoint; True if the trial stops here (stalled)."""
-        setup.hooks.before_report(metrics["epoch"], config, tune.get_context().get_trial_id())
+        if setup.hooks is not None:
+            setup.hooks.before_report(metrics["epoch"], config, tune.get_context().get_trial_id())
         metrics["objective"] = objective_value(metrics, setup.objective)
         metrics["objective_se"] = objective_se(metrics, setup.objective)  # its noise (tuning/noise.py)
         metrics["progress"] = metrics["epoch"] / config.epochs  # ASHA's rungs by share of the schedule
@@ -91,7 +92,8 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
         with tempfile.TemporaryDirectory() as folder:
             torch.save(save(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        setup.hooks.after_report(metrics["epoch"])
+        if setup.hooks is not None:
+            setup.hooks.after_report(metrics["epoch"])
         return bool(metrics["stalled"])
 
     if config.loop is not None or setup.code.loop is not None:
