@@ -218,6 +218,58 @@ def test_until_converged_runs_on_while_the_best_still_climbs(cli, levels):
     assert len(Journal(levels / "results" / "levels").times("end")) == 9
 
 
+# Trial 1 climbs to 90% but waits after its first epoch until `release` exists; the trials after it
+# reach 60% each, a tie, at once. The test releases trial 1 once 8 trials have ended: by then the
+# convergence test has stopped proposing trials, and trial 1 then moves the best after that.
+LATE = '''
+import os, time
+
+def train(config, data, report):
+    for epoch in range(report.epoch + 1, config["epochs"] + 1):
+        report(train_loss=2.5, test_loss=2.6, test_accuracy=config["lr"] * epoch / config["epochs"])
+        deadline = time.monotonic() + 300  # never hang a test run: the test fails instead
+        while config["lr"] > 0.8 and epoch == 1 and not os.path.exists(RELEASE) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+def late(trial):
+    level = 0.9 if trial.number == 0 else 0.6
+    return {"lr": trial.suggest_float("lr", level, level), "epochs": 4}
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
+def test_a_trial_still_running_when_the_search_converged_ends_it_without_reviving_it(cli, levels):
+    import threading
+    import time
+
+    release = levels / "release"
+    (levels / "late.py").write_text(LATE.replace("RELEASE", repr(str(release))))
+    folder = levels / "results" / "late"
+
+    def release_after_eight_ends() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not release.exists():
+            if (folder / "journal.jsonl").exists() and len(Journal(folder).times("end")) >= 8:
+                release.touch()
+            time.sleep(0.05)
+
+    releaser = threading.Thread(target=release_after_eight_ends, daemon=True)
+    releaser.start()
+    status, out, err = cli(search, ["--loop", "late.py:train", "--data", "synthetic", "--space", "late.py:late",
+                                    "--samples", "20", "--no-baseline", "--no-center", "--sampler", "random",
+                                    "--max-concurrent", "2", "--num-cpus", "2", "--results-dir", "results",
+                                    "--name", "late", "--quiet", "--until-converged"])
+    release.touch()
+    assert status == 0, err
+    exp = Experiment.load(folder)
+    # trials 2-9 tied at 60% and ended; the convergence test proposed no 10th; trial 1 then ran on
+    assert len(exp.trials) == 9 and exp.status == "finished" and all(t.done for t in exp.trials)
+    assert exp.best.number == 1 and round(exp.best.last["test_accuracy"], 3) == 0.9
+    assert "still running when --until-converged stopped proposing trials" in out
+    assert len(Journal(folder).times("end")) == 9
+
+
 @pytest.mark.heavy  # a driver process killed and resumed: test_reliability.py keeps one in the default run
 @pytest.mark.usefixtures("shared_ray")
 def test_a_search_killed_mid_way_resumes_with_the_same_decisions(cli, levels, tmp_path):

@@ -178,7 +178,10 @@ def run_trials(
     finally:
         callback.close()
     experiment.reload()
-    if converged is not None and all(t.done for t in experiment.trials) and converged():
+    if converged is not None and all(t.done for t in experiment.trials) and (searcher.stopped_converged
+                                                                             or converged()):
+        # stopped by the convergence test when it proposed no more trials; the trials running then
+        # ended as they would have, and the summary says where the search converged in the end
         return "converged" if len(experiment.trials) < settings.samples else "finished"
     if len(experiment.trials) < settings.samples or not all(t.done for t in experiment.trials):
         if settings.time_budget and time.time() - started >= settings.time_budget:

@@ -70,6 +70,9 @@ class StudySearcher(Searcher):
         self.next_number = first_number
         self.continued_numbers: dict[str, int] = {}  # id of an interrupted trial -> its number (set by the driver)
         self.converged = converged  # --until-converged: no new trial once this says so
+        # ... and once it has said so, the search is over: trials still running may move the best
+        # after that, but Tune has been told FINISHED and proposes nothing more
+        self.stopped_converged = False
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric and mode are ours, the space is Space.suggest
@@ -78,7 +81,8 @@ class StudySearcher(Searcher):
         if self.queue:
             config = dict(self.queue.pop(0))
             self.fixed_trials[trial_id] = config
-        elif self.converged is not None and self.converged():
+        elif self.converged is not None and (self.stopped_converged or self.converged()):
+            self.stopped_converged = True
             return Searcher.FINISHED
         else:
             trial = self.study.ask()

@@ -92,11 +92,15 @@ def noise_lines(experiment: Experiment) -> list[str]:
     if found is not None:
         moved, noise = fmt_difference(found["moved"], objective), fmt_difference(found["noise"], objective)
         after = found["trials_after"]
-        if experiment.settings.until_converged and found["confirmed"] and len(experiment.trials) < experiment.settings.samples:
+        stopped = (experiment.settings.until_converged and experiment.status == "finished"
+                   and len(experiment.trials) < experiment.settings.samples)
+        if stopped and found["confirmed"]:
             tail = (f"--until-converged stopped the search there: the {after} trials after it moved the best by {moved}, "
                     f"within its noise ({noise})")
         elif after:
             tail = f"the {after} trial{'s' if after > 1 else ''} after it moved the best by {moved}, within its noise ({noise})"
+        elif stopped:  # it ended after --until-converged had stopped proposing trials, and moved the best
+            tail = "it was still running when --until-converged stopped proposing trials, and moved the best"
         else:
             tail = "the last trial to end: no trial after it yet"
         lines.append(f"Converged at trial {found['trial']}, {found['seconds']:.0f} s into the search; {tail}")
