@@ -105,6 +105,17 @@ def test_rank_puts_the_most_accurate_trial_meeting_the_challenge_first():
     assert rank([trial(1, 0.3, False), trial(2, 0.5, False)], "max")[0].number == 2
 
 
+def test_a_trial_stopped_early_does_not_win_by_the_challenge():
+    # stopped after 4 of 20 epochs at 70%: its loss was still falling, as any curve's is early on,
+    # so it "met" the challenge; a finished trial at 77% that did not meet it is still the better
+    # answer, and a finished trial that meets it comes first whatever the stopped one reached
+    stopped = trial(1, 0.70, True, status_epochs=4, epochs=20)
+    unmet = trial(2, 0.77, False, status_epochs=13, epochs=13)
+    assert stopped.status == "early-stopped" and [t.number for t in rank([stopped, unmet], "max")] == [2, 1]
+    met_finished = trial(3, 0.60, True, status_epochs=13, epochs=13)
+    assert [t.number for t in rank([stopped, unmet, met_finished], "max")] == [3, 2, 1]
+
+
 def test_a_trial_at_chance_with_a_flat_loss_after_two_epochs_is_stalled():
     dead = [{"epoch": 1, "test_accuracy": 0.10, "test_loss": 2.3026},
             {"epoch": 2, "test_accuracy": 0.10, "test_loss": 2.3026}]
