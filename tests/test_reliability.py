@@ -586,7 +586,8 @@ def test_a_broken_study_is_rebuilt_from_the_journal_as_it_was(cli, tmp_path, mon
 
     markers = tmp_path / "markers"
     markers.mkdir()
-    monkeypatch.setenv(FAULT_ENV, f"2:99:{markers}:batch_size=256")
+    # batch 256 trials fail at their first epoch, before any stopping rule can judge them
+    monkeypatch.setenv(FAULT_ENV, f"1:99:{markers}:batch_size=256")
     space_file = write(tmp_path, "s.yaml", MIXED_SPACE)
     status, _, err = cli(search, ["--data", "synthetic", "--results-dir", str(tmp_path / "results"), "--name", "b",
                                   "--num-cpus", "2", "--samples", "7", "--space", space_file, "--sampler", "random",
