@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainable.errors import UsageError
+from tuning.noise import GRACE
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
@@ -21,7 +22,7 @@ SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 STOPPING = ("noise", "asha", "syne-asha")
 DEFAULT_SAMPLES, SMOKE_SAMPLES = 20, 3
 # the first point a trial is judged at, by stopping rule, unless --grace-period says (a share of its schedule)
-DEFAULT_GRACE = {"noise": 0.10, "asha": 0.25, "syne-asha": 0.25}
+DEFAULT_GRACE = {"noise": GRACE, "asha": 0.25, "syne-asha": 0.25}
 # Splits larger than this (bytes, as tensors) are not loaded into memory once for all trials: each
 # trial reads a map-style Dataset through a DataLoader instead (--data-memory raises it).
 DEFAULT_DATA_MEMORY = 8 << 30
