@@ -20,15 +20,19 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from trainable.config import TrainConfig
 from trainable.data import Data
 from tuning.engine.arrays import start_server, why_not
-from tuning.engine.callbacks import LINES, LIVE, QUIET, ExperimentCallback
+from tuning.engine.callbacks import ExperimentCallback
 from tuning.engine.hooks import Hooks
 from tuning.engine.schedulers import make_scheduler
 from tuning.engine.searcher import StudySearcher
 from tuning.engine.trial import TrialSetup, train_trial
 from tuning.engine.usercode import UserCode
 from tuning.noise import StoppingRule, curve_of
+from tuning.results.console import LINES, LIVE, QUIET, Console
 from tuning.results.experiment import Experiment
+from tuning.results.export import CsvFiles
 from tuning.results.journal import FINISHED, TrialRecord
+from tuning.results.listener import Listener
+from tuning.results.tensorboard import TrialBoards
 from tuning.settings import SearchSettings
 from tuning.space import AnySpace
 from tuning.study import make_sampler, open_or_rebuild, release_stale_trials, warm_start
@@ -58,6 +62,15 @@ def scheduler_for(experiment: Experiment, pending: list[TrialRecord], max_epochs
     earlier = {t.trial: curve_of(t.epochs, t.config["epochs"], objective, mode) for t in pending}
     return make_scheduler(settings.stopping, grace, settings.reduction_factor, max_epochs, mode=mode,
                           seed=settings.seed, rule=rule, earlier=earlier)
+
+
+def listeners(experiment: Experiment, *, slots: float) -> list[Listener]:
+    """What the search does with each event after journalling it, in this order: the CSV files,
+    TensorBoard (--tensorboard), the console."""
+    settings = experiment.settings
+    output = QUIET if settings.quiet else LIVE if sys.stdout.isatty() and not settings.verbose else LINES
+    return [CsvFiles(), *([TrialBoards(experiment.folder)] if settings.tensorboard else []),
+            Console(experiment, output=output, slots=slots)]
 
 
 def run_trials(
@@ -138,14 +151,8 @@ def run_trials(
     trainable = tune.with_parameters(train_trial, data=data, setup=setup)
     trainable = tune.with_resources(trainable, resources)
     experiment.journal.append("attempt", attempt=attempt, command=meta["command"], num_samples=num_samples)
-    callback = ExperimentCallback(
-        experiment,
-        base=base,
-        searcher=searcher,
-        output=QUIET if settings.quiet else LIVE if sys.stdout.isatty() and not settings.verbose else LINES,
-        slots=min(slots, max_concurrent or slots),
-        tensorboard=settings.tensorboard,
-    )
+    callback = ExperimentCallback(experiment, base=base, searcher=searcher,
+                                  listeners=listeners(experiment, slots=min(slots, max_concurrent or slots)))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -23,6 +23,7 @@ from tuning.results.experiment import Experiment, ExperimentError
 from tuning.results.ranking import final_objective, rank
 from tuning.results.tables import epochs_table, params_of, trials_table
 from tuning.results.journal import ERRORED, INTERRUPTED, RUNNING, TrialRecord
+from tuning.results.listener import Listener
 
 TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
 def best_config_text(experiment: Experiment, trial: TrialRecord) -> str:
@@ -101,3 +102,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "hptune export") -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class CsvFiles(Listener):
+    """The search's listener that keeps trials.csv, epochs.csv and best_config.yaml current: rewritten
+    from the journal each time a trial ends."""
+
+    def trial_ended(self, trial: str, experiment: Experiment) -> None:
+        export(experiment)

@@ -15,6 +15,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from tuning.results.experiment import Experiment
+from tuning.results.listener import Listener, TrialStart
+
 TENSORBOARD_DIR = "tensorboard"
 # metrics the HPARAMS tab lists beside each trial's hyperparameters (their last value per run)
 HPARAM_METRICS = ("objective", "test_accuracy", "train_loss", "test_loss", "challenge_met")
@@ -29,12 +32,20 @@ def run_name(number: int) -> str:
     return f"trial-{number:03d}"
 
 
-class TrialBoards:
-    """One SummaryWriter per running trial, under exp_dir/tensorboard/trial-NNN/."""
+class TrialBoards(Listener):
+    """The search's listener for --tensorboard: one SummaryWriter per running trial, under
+    exp_dir/tensorboard/trial-NNN/."""
 
     def __init__(self, exp_dir: Path) -> None:
         self.root = Path(exp_dir) / TENSORBOARD_DIR
         self.writers: dict[str, Any] = {}  # Ray trial id -> SummaryWriter
+
+    def trial_started(self, start: TrialStart) -> None:
+        run = run_name(start.number) if start.number is not None else f"trial-{start.trial}"
+        self.open(start.trial, run, {**start.params, "baseline": start.baseline}, resumes_after=start.resumes_after)
+
+    def trial_ended(self, trial: str, experiment: Experiment) -> None:
+        self.close(trial)
 
     def open(self, trial_id: str, run: str, hyperparameters: dict[str, Any], *, resumes_after: int = 0) -> None:
         """Start (or continue) the trial's run (its folder name, run_name(number)); a continued run drops
@@ -52,24 +63,22 @@ class TrialBoards:
                 writer.file_writer.add_summary(summary)
         self.writers[trial_id] = writer
 
-    def epoch(self, trial_id: str, result: dict[str, Any]) -> None:
-        writer = self.writers.get(trial_id)
-        epoch = result.get("epoch")
+    def epoch(self, trial: str, metrics: dict[str, Any]) -> None:
+        writer = self.writers.get(trial)
+        epoch = metrics.get("epoch")
         if writer is None or epoch is None:
             return
-        for name, value in result.items():
+        for name, value in metrics.items():
             if name != "epoch" and isinstance(value, (int, float)):
                 writer.add_scalar(name, float(value), global_step=int(epoch))
         writer.flush()  # an epoch takes seconds at least: TensorBoard shows it as it happens
 
-    def close(self, trial_id: str) -> None:
-        writer = self.writers.pop(trial_id, None)
-        if writer is not None:
-            writer.close()
-
-    def close_all(self) -> None:
-        for trial_id in list(self.writers):
-            self.close(trial_id)
+    def close(self, trial_id: str | None = None) -> None:  # type: ignore[override]
+        """Close one trial's run, or (no trial: the search ended) all of them."""
+        for trial in list(self.writers) if trial_id is None else [trial_id]:
+            writer = self.writers.pop(trial, None)
+            if writer is not None:
+                writer.close()
 
 
 def _hparam_value(value: Any) -> int | float | str:
