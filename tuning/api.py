@@ -71,7 +71,8 @@ def search(
     loop     your own training loop, (config, data, report) -> None, instead of ours
     options  any field of SearchSettings: name, results_dir, sampler, seed, objective,
              early_stop, stopping ("noise", "asha", "syne-asha"), until_converged, baseline, center,
-             max_concurrent, num_cpus, address, confirm_seeds, tensorboard, quiet, ...
+             max_concurrent, num_cpus, address, confirm_seeds, tensorboard, quiet, ...;
+             mlflow=True (or a tracking URI) logs the search and its trials to MLflow
     """
     settings = _settings(samples, options)
     base = _base(config)
@@ -120,6 +121,8 @@ def _settings(samples: int | None, options: dict[str, Any]) -> SearchSettings:
         options["grace"] = Grace.parse(options["grace"])
     if isinstance(options.get("data_memory"), str):
         options["data_memory"] = parse_size(options["data_memory"])
+    if isinstance(options.get("mlflow"), bool):  # mlflow=True: the default store
+        options["mlflow"] = "" if options["mlflow"] else None
     if samples is None:
         samples = SMOKE_SAMPLES if options.get("smoke_test") else DEFAULT_SAMPLES
     return SearchSettings(samples=samples, **options)

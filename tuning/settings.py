@@ -93,6 +93,7 @@ class SearchSettings:
     top: int = 5  # trials drawn in the report's learning curves
     confirm_seeds: int = 0  # re-train the winner with N new seeds
     tensorboard: bool = False
+    mlflow: str | None = None  # a tracking URI; "": $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
     quiet: bool = False  # only the summary
     verbose: bool = False  # Ray's own output too
     cache_dir: str | None = None  # decoded image folders (default ~/.cache/hptune)

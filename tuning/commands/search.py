@@ -173,6 +173,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
     o.add_argument("--tensorboard", action="store_true",
                    help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/")
+    o.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="also log the search and each trial to MLflow (default store: $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///mlflow.db here; pip install 'hptune[mlflow]')")
     o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live line")
     o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
     return p
@@ -212,6 +215,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         top=args.top,
         confirm_seeds=args.confirm_seeds,
         tensorboard=args.tensorboard,
+        mlflow=args.mlflow,
         quiet=args.quiet,
         verbose=args.verbose,
         cache_dir=args.cache_dir,

@@ -32,6 +32,7 @@ from tuning.results.experiment import Experiment
 from tuning.results.export import CsvFiles
 from tuning.results.journal import FINISHED, TrialRecord
 from tuning.results.listener import Listener
+from tuning.results.mlflow_runs import MlflowTracker
 from tuning.results.tensorboard import TrialBoards
 from tuning.settings import SearchSettings
 from tuning.space import AnySpace
@@ -66,10 +67,11 @@ def scheduler_for(experiment: Experiment, pending: list[TrialRecord], max_epochs
 
 def listeners(experiment: Experiment, *, slots: float) -> list[Listener]:
     """What the search does with each event after journalling it, in this order: the CSV files,
-    TensorBoard (--tensorboard), the console."""
+    TensorBoard (--tensorboard), MLflow (--mlflow), the console."""
     settings = experiment.settings
     output = QUIET if settings.quiet else LIVE if sys.stdout.isatty() and not settings.verbose else LINES
     return [CsvFiles(), *([TrialBoards(experiment.folder)] if settings.tensorboard else []),
+            *([MlflowTracker(experiment, settings.mlflow)] if settings.mlflow is not None else []),
             Console(experiment, output=output, slots=slots)]
 
 
