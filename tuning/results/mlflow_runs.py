@@ -159,7 +159,12 @@ class MlflowRuns:
             return
         name = experiment_name()
         found = self.client.get_experiment_by_name(name)
-        self.experiment_id = found.experiment_id if found is not None else self.client.create_experiment(name)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:  # a SQLite store keeps its artifacts beside it (MLflow's own default: ./mlruns, wherever that is)
+            beside = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri() \
+                if self.uri.startswith("sqlite:///") else None
+            self.experiment_id = self.client.create_experiment(name, artifact_location=beside)
         key = search_key(experiment)
         runs = self._search(f"tags.`{SEARCH_TAG}` = '{_quoted(key)}'")
         parents = [r for r in runs if NUMBER_TAG not in r.data.tags]
