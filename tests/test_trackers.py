@@ -1,7 +1,8 @@
-"""--mlflow: a search and its trials in a real MLflow store, read back with MlflowClient and held
-against trials.csv and epochs.csv: one parent run, one nested run per trial, the hyperparameters,
-every epoch once, the statuses and the winner; the same after `hptune export --mlflow`, after a
-SIGKILL and the same command again, and after the server went away mid-search.
+"""--mlflow and --wandb: a search and its trials in a real MLflow store (read back with MlflowClient)
+and in Weights & Biases' offline run files (read back from the files, no network), held against
+trials.csv and epochs.csv: one run per trial, the hyperparameters, every epoch once, the statuses and
+the winner; the same after `hptune export`, after a SIGKILL and the same command again, and (MLflow)
+after the server went away mid-search.
 
 The local SQLite store needs no server; the heavy tests start a real `mlflow server` on
 127.0.0.1, and stop it, also when they fail.
@@ -30,7 +31,18 @@ from tuning.commands.main import main as hptune
 from tuning.search import main as search
 
 mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
+pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
 from mlflow import MlflowClient  # noqa: E402
+
+from tuning.results.wandb_files import offline_runs  # noqa: E402
+
+PROJECT = "hptune-tests"
+
+
+def offline_wandb(tmp: Path) -> dict[str, str]:
+    """W&B with no key and no network: offline, its caches and settings in the test's folder."""
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
+            "WANDB_CONFIG_DIR": str(tmp / "wandb-config"), "WANDB_DATA_DIR": str(tmp / "wandb-data")}
 
 # Trials of both kinds a tracker must tell apart, finished and early-stopped, as in test_user_tools:
 # one at a time, ASHA from epoch 1 keeping half, the random sampler's SGD trials stopped at chance.
@@ -81,23 +93,67 @@ def read_back(uri: str, folder: Path) -> dict:
     return {"parent": parent, "children": children}
 
 
+def read_back_wandb(folder: Path) -> dict:
+    """The W&B runs of the search in `folder` (its offline files, a run resumed after a kill being
+    several files with one id), checked against its trials.csv and epochs.csv."""
+    trials = pd.read_csv(folder / "trials.csv").set_index("number")
+    epochs = pd.read_csv(folder / "epochs.csv")
+    files = offline_runs(folder / "wandb", wait_s=10)
+    runs: dict[str, dict] = {}
+    for f in files:  # in the order written
+        run = runs.setdefault(f.id, {"names": set(), "groups": set(), "config": {}, "steps": [], "summary": {},
+                                     "exit": None, "project": f.project})
+        run["names"].add(f.name)
+        run["groups"].add(f.group)
+        run["config"].update(f.config)
+        run["steps"] += [h for h in f.history if "test_accuracy" in h]
+        run["summary"].update(f.summary)
+        run["exit"] = f.exit_code if f.exit_code is not None else run["exit"]
+    trial_runs = {r["config"]["number"]: r for r in runs.values() if "number" in r["config"]}
+    assert sorted(trial_runs) == sorted(trials.index), "one run per trial, no more"
+    for n, run in trial_runs.items():
+        row = trials.loc[n]
+        assert run["names"] == {f"trial-{n:03d}"} and run["groups"] == {folder.name} and run["project"] == PROJECT
+        assert run["config"]["lr"] == pytest.approx(row["lr"], rel=1e-12)
+        assert run["config"]["optimizer"] == row["optimizer"]
+        mine = epochs[epochs["number"] == n].set_index("epoch")
+        assert sorted(h["_step"] for h in run["steps"]) == list(mine.index), f"trial {n}: each epoch once, none missing"
+        for h in run["steps"]:
+            assert h["test_accuracy"] == pytest.approx(mine.loc[h["_step"], "test_accuracy"], rel=1e-12)
+            assert h["train_loss"] == pytest.approx(mine.loc[h["_step"], "train_loss"], rel=1e-12)
+        assert run["summary"]["status"] == row["status"]
+        assert run["summary"]["rank"] == (None if pd.isna(row["rank"]) else int(row["rank"]))
+        assert run["exit"] == (1 if row["status"] == "errored" else 0)
+    searches = [r for r in runs.values() if "number" not in r["config"]]
+    assert len(searches) == 1 and searches[0]["names"] == {folder.name}
+    assert searches[0]["summary"]["best_trial"] == trials[trials["rank"] == 1].index[0]
+    return trial_runs
+
+
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory) -> dict:
-    """A finished 6-trial search with --mlflow into a local SQLite store."""
+def tracked(tmp_path_factory) -> Iterator[dict]:
+    """A finished 6-trial search with --mlflow into a local SQLite store and --wandb offline."""
     tmp = tmp_path_factory.mktemp("tracked")
+    saved = dict(os.environ)
+    os.environ.update(offline_wandb(tmp))
     (tmp / "space.yaml").write_text(SPACE)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     argv = ["--data", "synthetic", "--results-dir", str(tmp / "results"), "--name", "tracked", "--num-cpus", "2",
             "--samples", "6", "--space", str(tmp / "space.yaml"), "--sampler", "random",
             "--stopping", "asha", "--grace-period", "1", "--reduction-factor", "2", "--max-concurrent", "1",
-            "--mlflow", uri]
+            "--mlflow", uri, "--wandb", PROJECT]
     out, err = io.StringIO(), io.StringIO()
     ensure_shared_ray()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = search(argv)
-    assert status == 0, err.getvalue()
-    assert "warning: MLflow" not in err.getvalue(), err.getvalue()  # the store never failed
-    return {"tmp": tmp, "uri": uri, "exp": tmp / "results" / "tracked"}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = search(argv)
+        assert status == 0, err.getvalue()
+        assert "warning:" not in err.getvalue(), err.getvalue()  # neither tracker failed
+        assert "wandb" not in out.getvalue().lower(), out.getvalue()  # W&B's own lines stay off the console
+        yield {"tmp": tmp, "uri": uri, "exp": tmp / "results" / "tracked"}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.mark.slow
@@ -113,10 +169,19 @@ def test_mlflow_has_one_parent_and_one_run_per_trial_equal_to_the_csv_files(trac
 
 
 @pytest.mark.slow
+def test_wandb_has_a_run_per_trial_grouped_by_the_search_equal_to_the_csv_files(tracked):
+    runs = read_back_wandb(tracked["exp"])
+    assert {"finished", "early-stopped"} <= {r["summary"]["status"] for r in runs.values()}
+
+
+@pytest.mark.slow
 def test_export_pushes_again_without_doubling_and_fills_a_new_store(tracked, cli):
-    status, out, err = cli(hptune, ["export", str(tracked["exp"]), "--mlflow", tracked["uri"]])
+    files = sorted((tracked["exp"] / "wandb").rglob("run-*.wandb"))
+    status, out, err = cli(hptune, ["export", str(tracked["exp"]), "--mlflow", tracked["uri"], "--wandb", PROJECT])
     assert status == 0, err
     read_back(tracked["uri"], tracked["exp"])  # the same record: no run, no epoch twice
+    assert sorted((tracked["exp"] / "wandb").rglob("run-*.wandb")) == files  # W&B held it all: nothing reopened
+    read_back_wandb(tracked["exp"])
     fresh = f"sqlite:///{tracked['tmp'] / 'fresh.db'}"
     status, out, err = cli(hptune, ["export", str(tracked["exp"]), "--mlflow", fresh])
     assert status == 0, err
@@ -170,15 +235,18 @@ def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
 
 @pytest.mark.slow
 @pytest.mark.heavy  # a real server and a search killed and resumed
-def test_a_killed_and_resumed_search_has_each_trial_and_epoch_once_on_a_server(cli, tmp_path, shared_ray):
+def test_a_killed_and_resumed_search_has_each_trial_and_epoch_once_in_both(cli, tmp_path, shared_ray, monkeypatch):
     argv, exp, log, hold = held_search(tmp_path, "k", samples=6)
+    for key, value in offline_wandb(tmp_path).items():
+        monkeypatch.setenv(key, value)
     with mlflow_server(tmp_path) as uri:
-        argv += ["--mlflow", uri]
+        argv += ["--mlflow", uri, "--wandb", PROJECT]
         with running(log, [SEARCH, *argv], env=hold) as proc:
             wait_until_mid_search(exp, proc)
             signal_and_wait(proc, signal.SIGKILL, log)
         resume_to_exactly(cli, argv, exp, 6)
         read_back(uri, exp)
+    read_back_wandb(exp)
 
 
 @pytest.mark.slow

@@ -72,7 +72,8 @@ def search(
     options  any field of SearchSettings: name, results_dir, sampler, seed, objective,
              early_stop, stopping ("noise", "asha", "syne-asha"), until_converged, baseline, center,
              max_concurrent, num_cpus, address, confirm_seeds, tensorboard, quiet, ...;
-             mlflow=True (or a tracking URI) logs the search and its trials to MLflow
+             mlflow=True (or a tracking URI) logs the search and its trials to MLflow,
+             wandb="PROJECT" to Weights & Biases
     """
     settings = _settings(samples, options)
     base = _base(config)

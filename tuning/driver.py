@@ -36,7 +36,7 @@ from trainable.refs import UNNAMED, BadReferenceError, UserCodeError, call_user,
 from tuning import interrupts, supervisor
 from tuning.results import experiment as experiment_mod
 from tuning.results import export as export_mod
-from tuning.results import mlflow_runs, tensorboard
+from tuning.results import mlflow_runs, tensorboard, wandb_runs
 from tuning.results.experiment import Experiment, ExperimentError
 from tuning.results.journal import DONE, ERRORED
 from tuning.results.show import print_summary
@@ -97,6 +97,8 @@ def plan(settings: SearchSettings, inputs: Inputs, *, prog: str = "hptune search
     if settings.mlflow is not None:  # unreachable or not installed: one line now, not a warning per trial
         settings = settings.replace(mlflow=mlflow_runs.resolve_uri(settings.mlflow))
         mlflow_runs.check(settings.mlflow)
+    if settings.wandb is not None:
+        wandb_runs.check(settings.wandb)
     if settings.stopping == "syne-asha" and importlib.util.find_spec("syne_tune") is None:
         raise UsageError('--stopping syne-asha needs Syne Tune: pip install -e ".[compare]"')
     inputs = _named_code(inputs, cluster=settings.address is not None)
@@ -358,8 +360,7 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
             cluster.stop_ray()
         if code is not None:
             code.cleanup()
-        if settings.mlflow is not None:
-            _push_to_mlflow(experiment, settings.mlflow, prog)
+        _push_to_trackers(experiment, settings, prog)
     print_summary(experiment, wall=wall, res=res, paths=paths, since=attempt_started)
     if outcome == "budget":
         done = sum(t.done for t in experiment.trials)
@@ -371,15 +372,21 @@ def execute(plan: Plan, started: float, interrupt: interrupts.Interrupts) -> Out
     return Outcome(0, experiment)
 
 
-def _push_to_mlflow(experiment: Experiment, uri: str, prog: str) -> None:
-    """The search's last push, its status and files included; a store that fails is a warning."""
+def _push_to_trackers(experiment: Experiment, settings: SearchSettings, prog: str) -> None:
+    """The search's last push to --mlflow and --wandb, its status and files included; a tracker that
+    fails is a warning."""
     if not experiment.journal.path.exists():
         return
-    try:
-        mlflow_runs.MlflowRuns(uri).push(Experiment.load(experiment.folder), ended=True)
-    except Exception as exc:  # noqa: BLE001 - the results are in the folder; the tracker can catch up
-        print(f"{prog}: warning: MLflow ({uri}) failed: {exc}; `hptune export {experiment.folder} --mlflow {uri}` "
-              f"completes the record", file=sys.stderr)
+    pushes = {"MLflow": (settings.mlflow, lambda: mlflow_runs.MlflowRuns(settings.mlflow), "--mlflow"),
+              "W&B": (settings.wandb, lambda: wandb_runs.WandbRuns(experiment.folder, settings.wandb), "--wandb")}
+    for tracker, (target, runs, flag) in pushes.items():
+        if target is None:
+            continue
+        try:
+            runs().push(Experiment.load(experiment.folder), ended=True)
+        except Exception as exc:  # noqa: BLE001 - the results are in the folder; the tracker can catch up
+            print(f"{prog}: warning: {tracker} ({target}) failed: {exc}; `hptune export {experiment.folder} {flag} "
+                  f"{target}` completes the record", file=sys.stderr)
 
 
 class InputError(ValueError):

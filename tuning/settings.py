@@ -94,6 +94,7 @@ class SearchSettings:
     confirm_seeds: int = 0  # re-train the winner with N new seeds
     tensorboard: bool = False
     mlflow: str | None = None  # a tracking URI; "": $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    wandb: str | None = None  # a W&B project: a run per trial, grouped by the search
     quiet: bool = False  # only the summary
     verbose: bool = False  # Ray's own output too
     cache_dir: str | None = None  # decoded image folders (default ~/.cache/hptune)

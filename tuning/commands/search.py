@@ -176,6 +176,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     o.add_argument("--mlflow", nargs="?", const="", metavar="URI",
                    help="also log the search and each trial to MLflow (default store: $MLFLOW_TRACKING_URI, "
                         "else sqlite:///mlflow.db here; pip install 'hptune[mlflow]')")
+    o.add_argument("--wandb", metavar="PROJECT",
+                   help="also log each trial to Weights & Biases as a run, grouped by the search (offline, under "
+                        "results/<name>/wandb, without an API key; pip install 'hptune[wandb]')")
     o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live line")
     o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
     return p
@@ -216,6 +219,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         confirm_seeds=args.confirm_seeds,
         tensorboard=args.tensorboard,
         mlflow=args.mlflow,
+        wandb=args.wandb,
         quiet=args.quiet,
         verbose=args.verbose,
         cache_dir=args.cache_dir,

@@ -34,6 +34,7 @@ from tuning.results.journal import FINISHED, TrialRecord
 from tuning.results.listener import Listener
 from tuning.results.mlflow_runs import MlflowTracker
 from tuning.results.tensorboard import TrialBoards
+from tuning.results.wandb_runs import WandbTracker
 from tuning.settings import SearchSettings
 from tuning.space import AnySpace
 from tuning.study import make_sampler, open_or_rebuild, release_stale_trials, warm_start
@@ -67,11 +68,12 @@ def scheduler_for(experiment: Experiment, pending: list[TrialRecord], max_epochs
 
 def listeners(experiment: Experiment, *, slots: float) -> list[Listener]:
     """What the search does with each event after journalling it, in this order: the CSV files,
-    TensorBoard (--tensorboard), MLflow (--mlflow), the console."""
+    TensorBoard (--tensorboard), MLflow (--mlflow), W&B (--wandb), the console."""
     settings = experiment.settings
     output = QUIET if settings.quiet else LIVE if sys.stdout.isatty() and not settings.verbose else LINES
     return [CsvFiles(), *([TrialBoards(experiment.folder)] if settings.tensorboard else []),
             *([MlflowTracker(experiment, settings.mlflow)] if settings.mlflow is not None else []),
+            *([WandbTracker(experiment, settings.wandb)] if settings.wandb is not None else []),
             Console(experiment, output=output, slots=slots)]
 
 
