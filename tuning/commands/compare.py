@@ -40,10 +40,18 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.cli import OneLineParser, add_data_args, command_line, data_flags, fail, positive_int
 from trainable.errors import INTERRUPTED_STATUS, TERMINATED_STATUS
 from trainable.fileio import atomic_write_text
 from trainable.hardware import machine
+from tuning.commands.common import (
+    OneLineParser,
+    add_data_args,
+    add_model_args,
+    command_line,
+    data_flags,
+    fail,
+    positive_int,
+)
 from tuning.results.experiment import Experiment, met
 
 PROG = "hptune compare"
@@ -93,9 +101,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="trials of ours-warm (default: half of --samples)")
     p.add_argument("--out", default="results/compare", metavar="FOLDER",
                    help="where the runs and the summary go (default results/compare)")
-    p.add_argument("--model", metavar="REF",
-                   help="your model factory (MODULE:NAME or FILE.py:NAME) for every strategy "
-                        "(default: the tutorial's MLP)")
+    add_model_args(p, "your model factory (MODULE:NAME or FILE.py:NAME) for every strategy "
+                      "(default: the tutorial's MLP)")
     p.add_argument("--space", metavar="YAML",
                    help="the space of ours, optuna-tpe and random-asha (default: the default space)")
     p.add_argument("--tutorial-space", metavar="YAML",

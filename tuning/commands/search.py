@@ -20,18 +20,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainable import challenge
-from trainable.cli import (
+from trainable.config import PRECISIONS, TrainConfig
+from tuning import driver
+from tuning.commands.common import (
     OneLineParser,
     add_data_args,
+    add_model_args,
     command_line,
     data_overrides,
     fail,
-    model_arg,
     non_negative_int,
     positive_int,
 )
-from trainable.config import PRECISIONS, TrainConfig
-from tuning import driver
 from tuning.noise import MIN_TRIALS, WINDOW
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from tuning.settings import (
@@ -123,11 +123,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--smoke-test", action="store_true",
                    help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
     m = p.add_argument_group("your own model and data")
-    m.add_argument("--model", metavar="REF",
-                   help="model factory: mlp (the tutorial's, default), MODULE:NAME or path/to/file.py:NAME; it gets "
-                        "the model hyperparameters (model.NAME in the space) and input_shape, num_classes")
-    m.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
-                   help="a model hyperparameter for every trial, unless the space searches it (repeatable)")
+    add_model_args(m, "model factory: mlp (the tutorial's, default), MODULE:NAME or path/to/file.py:NAME; it gets "
+                      "the model hyperparameters (model.NAME in the space) and input_shape, num_classes",
+                   "a model hyperparameter for every trial, unless the space searches it (repeatable)")
     m.add_argument("--loop", metavar="REF",
                    help="your own training loop (config, data, report) instead of ours: MODULE:NAME or FILE.py:NAME")
     r = p.add_argument_group("resources")

@@ -6,20 +6,17 @@
 from __future__ import annotations
 
 import io
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from trainable import challenge
-from trainable.cli import OneLineParser, fail
 from trainable.config import TRAINING_HYPERPARAMETERS, TrainConfig
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_text
 from trainable.fit import METRICS, slow_epoch_text
-from tuning.results.experiment import Experiment, ExperimentError
+from tuning.results.experiment import Experiment
 from tuning.results.ranking import final_objective, rank
 from tuning.results.tables import epochs_table, params_of, trials_table
 from tuning.results.journal import ERRORED, INTERRUPTED, RUNNING, TrialRecord
@@ -83,21 +80,3 @@ def export(experiment: Experiment) -> dict[str, Path]:
         paths["best_config"] = folder / BEST_CONFIG
         atomic_write_text(paths["best_config"], best_config_text(experiment, best))
     return paths
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "hptune export") -> int:
-    parser = OneLineParser(prog=prog,
-                           description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
-    parser.add_argument("experiment", help="results/<name>")
-    args = parser.parse_args(argv)
-    try:
-        paths = export(Experiment.load(args.experiment))
-    except ExperimentError as exc:
-        return fail(parser.prog, str(exc))
-    for path in paths.values():
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
