@@ -41,7 +41,9 @@ from tuning.commands.common import (
     OneLineParser,
     add_data_args,
     add_model_args,
+    command_line,
     data_flags,
+    data_overrides,
     fail,
     non_negative_int,
     positive_int,
@@ -166,21 +168,22 @@ def search_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def run_search(args: argparse.Namespace, folder: str, name: str, arrays: int = 0) -> tuple[list, float, float]:
-    """One search of the bench's fixed space: its trials, seconds to the last trial's end, and to its return."""
+def run_search(args: argparse.Namespace, folder: str, name: str, arrays: int = 0,
+               command: str = "") -> tuple[list, float, float]:
+    """One search of the bench's fixed space: its trials, seconds to the last trial's end, and to its return.
+    `command` is what the search's messages name to run again (the bench's own command)."""
+    from tuning.commands.search import base_config, search  # Optuna and the driver: the search's alone
+    from tuning.settings import SearchSettings
+
     space = Path(folder) / "space.yaml"
     # Fixed work per trial, so every run of the bench measures the same thing.
     space.write_text(f"lr: {{low: 0.01, high: 0.05, log: true}}\nbatch_size: [{args.batch_size}]\n"
                      f"epochs: {args.epochs}\noptimizer: [nesterov]\nmomentum: 0.9\n")
-    argv_search = [*data_flags(args), "--results-dir", folder, "--name", name, "--samples", str(args.samples),
-                   "--space", str(space), "--no-baseline", "--no-early-stop",
-                   "--cpus-per-trial", str(args.cpus_per_trial), *(["--arrays", str(arrays)] if arrays else [])]
-    if args.num_cpus:
-        argv_search += ["--num-cpus", str(args.num_cpus)]
-    from tuning.commands.search import main as search  # Optuna and the driver: the search's alone
-
+    settings = SearchSettings(samples=args.samples, results_dir=folder, name=name, baseline=False, early_stop=False,
+                              cpus_per_trial=args.cpus_per_trial, arrays=arrays, num_cpus=args.num_cpus,
+                              cache_dir=args.cache_dir)
     start = time.time()
-    status = search(argv_search)
+    status = search(settings, lambda: base_config(overrides=data_overrides(args)), str(space), lambda _: command)
     wall = time.time() - start
     if status != 0:
         raise SearchFailedError(status)
@@ -197,10 +200,11 @@ class SearchFailedError(RuntimeError):
 def search_main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = search_parser(prog).parse_args(argv)
     cpus = args.num_cpus or os.cpu_count() or 1
+    command = command_line(prog, sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as folder:
         try:
-            records, trained, wall = run_search(args, folder, "bench")
-            compared = {k: run_search(args, folder, f"arrays-{k}", k) for k in args.arrays or []}
+            records, trained, wall = run_search(args, folder, "bench", command=command)
+            compared = {k: run_search(args, folder, f"arrays-{k}", k, command) for k in args.arrays or []}
         except SearchFailedError as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return exc.status
