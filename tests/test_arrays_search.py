@@ -153,7 +153,7 @@ def test_arrays_fall_back_to_separate_trials_where_they_cannot_apply_and_say_so(
 
 @pytest.mark.heavy
 def test_bench_search_compares_arrays_with_separate_trials_in_one_run(capsys):
-    from tuning.commands.bench import main as bench_search
+    from tuning.commands.bench import search_main as bench_search
 
     status = bench_search(["--data", "synthetic", "--samples", "3", "--epochs", "2", "--batch-size", "128",
                            "--num-cpus", "2", "--arrays", "3"])

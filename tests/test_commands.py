@@ -93,10 +93,12 @@ def test_show_of_a_folder_that_is_not_an_experiment_is_one_line_exit_2(tmp_path,
 # --- the layout's rules ---------------------------------------------------------------------------
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(path: Path, entry_point: bool = True) -> set[str]:
+    """The modules `path` imports, those inside functions included; `entry_point=False` leaves out
+    its `if __name__ == "__main__":` block (a library module's `python -m` door to its command)."""
     tree = ast.parse(path.read_text())
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(without_main_block(tree) if not entry_point else tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -104,19 +106,55 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
+def without_main_block(tree: ast.Module) -> ast.Module:
+    def is_main_block(node: ast.stmt) -> bool:
+        test = node.test if isinstance(node, ast.If) else None
+        return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+                and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
+
+    return ast.Module(body=[node for node in tree.body if not is_main_block(node)], type_ignores=[])
+
+
 def test_trainable_imports_neither_ray_nor_tuning():
+    """trainable/ is the library of one configuration; its only doors to the commands in
+    tuning/commands/ are `python -m trainable` (__main__.py) and `python -m trainable.NAME`."""
     for path in (REPO / "trainable").glob("*.py"):
-        bad = {m for m in imports_of(path) if m.split(".")[0] in ("ray", "tuning")}
+        if path.name == "__main__.py":
+            continue
+        bad = {m for m in imports_of(path, entry_point=False) if m.split(".")[0] in ("ray", "tuning")}
         assert not bad, f"{path.name} imports {bad}"
 
 
+PARSER_CALLS = {"ArgumentParser", "OneLineParser", "add_argument", "add_argument_group",
+                "add_mutually_exclusive_group", "add_subparsers"}
+
+
+def parsers_in(path: Path) -> list[str]:
+    """Where `path` imports argparse, builds a parser or declares a flag: `line: what`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "argparse" for a in node.names):
+            found.append(f"{node.lineno}: import argparse")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "argparse":
+            found.append(f"{node.lineno}: from argparse import")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in PARSER_CALLS:
+                found.append(f"{node.lineno}: {name}(...)")
+    return found
+
+
 def test_argparse_stops_at_the_commands():
-    allowed = {"commands", "search.py"}
-    for path in (REPO / "tuning").rglob("*.py"):
-        relative = path.relative_to(REPO / "tuning")
-        if relative.parts[0] in allowed:
-            continue
-        assert "argparse" not in imports_of(path), f"tuning/{relative} imports argparse"
+    """Every command line is read in tuning/commands/; trainable/, the rest of tuning/ and hptune/
+    take typed settings and never import argparse, build a parser or declare a flag."""
+    commands = REPO / "tuning" / "commands"
+    found = {}
+    for folder in ("trainable", "tuning", "hptune"):
+        for path in (REPO / folder).rglob("*.py"):
+            if commands not in path.parents and parsers_in(path):
+                found[str(path.relative_to(REPO))] = parsers_in(path)
+    assert not found, f"command-line parsing outside tuning/commands/: {found}"
 
 
 def test_no_import_circle_in_tuning():

@@ -7,8 +7,8 @@ import pytest
 from tests.fixtures import write_image_folder
 from trainable.config import TrainConfig
 from trainable.data import load_image_folder
-from trainable.explain import main as explain
 from trainable.explain import tutorial_epochs
+from tuning.commands.explain import main as explain
 
 
 def table(out: str) -> list[str]:

@@ -18,8 +18,8 @@ import pytest
 from tests.fixtures import mnist_files, patch_mnist_mirrors, write_mnist_files
 from trainable.__main__ import main as trainable_main
 from trainable.config import TrainConfig
+from tuning.commands.export import main as export_main
 from tuning.commands.report import main as report_main
-from tuning.results.export import main as export_main
 from tuning.results.journal import Journal, trials
 from tuning.search import main as search
 

@@ -39,7 +39,6 @@ default on CPUs; they are meant for GPUs (not measured here: no GPU was availabl
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -47,14 +46,11 @@ from collections.abc import Sequence
 
 import torch
 
-from trainable.bench import device_name, epoch_flops, synchronize, time_floor
-from trainable.cli import OneLineParser, add_data_args, fail, non_negative_int, positive_int
-from trainable.config import PRECISIONS, TrainConfig
-from trainable.data import DataError, Dataset, load_dataset
+from trainable.bench import epoch_flops, synchronize, time_floor
+from trainable.config import TrainConfig
+from trainable.data import Dataset
 from trainable.fit import Trainer
-from trainable.hardware import autocast_dtype, fast_bf16, flush_denormals, precision_label, select_device
-
-PROG = "python -m trainable.arrays_bench"
+from trainable.hardware import autocast_dtype, precision_label
 
 
 def bench_configs(k: int, batch_size: int, precision: str, epochs: int, distinct_seeds: bool) -> list[TrainConfig]:
@@ -117,52 +113,23 @@ def floor_seconds(data: Dataset, batch_size: int, dtype: torch.dtype, device: to
     return min(run() for _ in range(repeats))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Trial-epochs per second: K trials one after another against one "
-                                             "trial array of K.")
-    add_data_args(p)
-    p.add_argument("--k", type=positive_int, nargs="+", default=[4, 16, 64], help="array sizes (default 4 16 64)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--epochs", type=positive_int, default=1, help="timed epochs per trial (default 1)")
-    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed epochs first (default 1)")
-    p.add_argument("--repeats", type=positive_int, default=1,
-                   help="times to run each (separate, array) pair, interleaved; medians are reported (default 1)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--distinct-seeds", action="store_true",
-                   help="members seeded 42, 43, ... (each its own data order) instead of all 42 as in a search")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        device = select_device(args.device)
-    except RuntimeError as exc:
-        return fail(PROG, str(exc))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    flush_denormals(torch.device("cpu"))
-    try:
-        data = load_dataset(args.data or "synthetic", args.data_root or "data", cache_dir=args.cache_dir)
-    except DataError as exc:
-        return fail(PROG, str(exc))
-    dtype = autocast_dtype(args.precision, device) or torch.float32
-    precision = precision_label(dtype)
-    bf16 = "native bf16" if fast_bf16(device) else "no native bf16"
-    print(f"{data!r}; {device_name(device)} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
-    seeds = "seeds 42, 43, ... (one data order each)" if args.distinct_seeds else "seed 42 (one data order)"
-    print(f"batch {args.batch_size}, {precision} ({args.precision}), {args.epochs} timed epoch(s) per trial after "
-          f"{args.warmup} warm-up, members at {seeds}, median of {args.repeats}:")
-    floor = floor_seconds(data, args.batch_size, dtype, device)
-    for k in args.k:
-        configs = bench_configs(k, args.batch_size, args.precision, args.warmup + args.epochs, args.distinct_seeds)
+def compare(data: Dataset, device: torch.device, ks: Sequence[int], batch_size: int = 128, epochs: int = 1,
+            warmup: int = 1, repeats: int = 1, precision: str = "auto", distinct_seeds: bool = False) -> None:
+    """Print, for each K, trial-epochs per second of K trials one after another and as one array,
+    each against one model's GEMM floor."""
+    dtype = autocast_dtype(precision, device) or torch.float32
+    label = precision_label(dtype)
+    seeds = "seeds 42, 43, ... (one data order each)" if distinct_seeds else "seed 42 (one data order)"
+    print(f"batch {batch_size}, {label} ({precision}), {epochs} timed epoch(s) per trial after "
+          f"{warmup} warm-up, members at {seeds}, median of {repeats}:")
+    floor = floor_seconds(data, batch_size, dtype, device)
+    for k in ks:
+        configs = bench_configs(k, batch_size, precision, warmup + epochs, distinct_seeds)
         times: dict[str, list[float]] = {"separate": [], "array": []}
-        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-            times["separate"].append(time_separate(configs, data, device, args.warmup, args.epochs))
-            times["array"].append(time_array(configs, data, device, args.warmup, args.epochs))
-        trial_epochs = k * args.epochs
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+            times["separate"].append(time_separate(configs, data, device, warmup, epochs))
+            times["array"].append(time_array(configs, data, device, warmup, epochs))
+        trial_epochs = k * epochs
         rates = {}
         for name, runs in times.items():
             seconds = statistics.median(runs)
@@ -171,11 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<8} K={k:>3}  {rates[name]:8.3f} trial-epochs/s  {seconds:8.2f} s  "
                   f"{share:4.0f}% of the GEMM floor")
         print(f"array / separate, K={k:>3}: {rates['array'] / rates['separate']:.2f}x")
-    flops = epoch_flops(data, batch_size=args.batch_size)
-    print(f"GEMM floor: {floor:.3f} s per trial-epoch ({precision} GEMMs of one model's epoch back to back, "
+    flops = epoch_flops(data, batch_size=batch_size)
+    print(f"GEMM floor: {floor:.3f} s per trial-epoch ({label} GEMMs of one model's epoch back to back, "
           f"{flops / floor / 1e9:.0f} GFLOP/s)")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m trainable.arrays_bench: the command is tuning/commands/bench.py
+    from tuning.commands.bench import arrays_main
+
+    sys.exit(arrays_main())

@@ -30,7 +30,6 @@ as the trainer sets it (freed memory kept for reuse), repeated; the medians of e
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -45,24 +44,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainable import fused
-from trainable.cli import OneLineParser, add_data_args, data_flags, fail, model_arg, positive_int
 from trainable.config import TrainConfig
-from trainable.data import DataError, Dataset, load_dataset
+from trainable.data import Dataset
 from trainable.fit import Trainer, fit
 from trainable.hardware import (
     KEEP_FREED_MEMORY_ENV,
     cpu_name,
     fast_bf16,
-    flush_denormals,
-    fused_note,
     precision_of,
-    select_device,
 )
-from trainable.models import ModelError, build_model, factory_of
-from trainable.refs import BadReferenceError, UserCodeError
+from trainable.models import build_model, factory_of
 
-PROG = "python -m trainable.bench"
 CPU = torch.device("cpu")
 
 
@@ -318,74 +310,31 @@ def precision_check(data: Dataset, device: torch.device = CPU) -> list[tuple[str
     return [(p, list(fit(TrainConfig(precision=p), data, device=device))) for p in ("fp32", "bf16")]
 
 
-def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description="Time one training epoch: the tutorial's pipeline against ours.")
-    add_data_args(p)
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per step (default 64)")
-    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
-                   help="timed epochs per contender; the median is reported (default 3)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", metavar="DEVICE",
-                   help="auto (cuda -> mps -> cpu, as `python -m trainable`), cpu, cuda, cuda:1: where both "
-                        "pipelines and the floor's GEMMs run")
-    p.add_argument("--model", default="mlp", metavar="REF",
-                   help="the model: mlp (the tutorial's, default) or your factory MODULE:NAME / FILE.py:NAME; for "
-                        "yours the baseline is the usual DataLoader pipeline and there is no floor")
-    p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
-                   help="a keyword argument of the model factory (repeatable)")
-    p.add_argument("--precision-check", action="store_true",
-                   help="instead: train the tutorial's config 10 epochs in fp32 and bf16 and compare")
-    p.add_argument("--first-epochs", action="store_true",
-                   help="instead: epochs 1 and 2 of fresh `python -m trainable` processes, with and without "
-                        "the trainer's malloc setting, alternating (--repeats each)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
-    args = build_parser(prog).parse_args(argv)
-    try:
-        device = select_device(args.device)
-    except RuntimeError as exc:
-        return fail(prog, str(exc))
-    flush_denormals(torch.device("cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
-    except DataError as exc:
-        return fail(prog, str(exc))
+def machine_line(data: Dataset, device: torch.device) -> str:
+    """What a bench ran on: the data, the device, torch's threads and version."""
     bf16 = "native bf16" if fast_bf16(device) else "no native bf16"
-    print(f"{data!r}; {device_name(device)} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}")
-    if args.first_epochs:
-        medians = first_epochs([*data_flags(args), "--device", args.device], args.batch_size, args.repeats,
-                               args.threads)
-        print(f"epochs 1 and 2 of a fresh `python -m trainable` process at batch {args.batch_size}, "
-              f"median of {args.repeats}:")
-        base, ours = medians.values()
-        for label, (one, two) in medians.items():
-            print(f"  {label:<52} epoch 1 {one:6.2f} s   epoch 2 {two:6.2f} s")
-        print(f"speed-up of keeping freed memory: epoch 1 {base[0] / ours[0]:.2f}x, epoch 2 {base[1] / ours[1]:.2f}x")
-        return 0
-    if args.precision_check:
-        runs = precision_check(data, device)
-        for precision, history in runs:
-            curve = " ".join(f"{m['train_loss']:.3f}" for m in history)
-            last = history[-1]
-            print(f"{precision}: test_accuracy {100 * last['test_accuracy']:.2f}%  test_loss {last['test_loss']:.4f}  "
-                  f"train_loss per epoch: {curve}")
-        (_, fp32), (_, bf16) = runs
-        gap = 100 * (bf16[-1]["test_accuracy"] - fp32[-1]["test_accuracy"])
-        worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(fp32, bf16))
-        print(f"bf16 - fp32: test_accuracy {gap:+.2f} points; largest train_loss gap over the epochs {worst:.4f}")
-        return 0
-    try:
-        medians = speed(data, args.batch_size, args.repeats, device, args.model, dict(args.model_arg))
-    except (BadReferenceError, ModelError, UserCodeError) as exc:
-        return fail(prog, str(exc))
-    print_speed(medians, data, args.batch_size, args.repeats)
-    if fused.unavailable_reason():
-        print(f"bf16 {fused_note()}")
-    return 0
+    return f"{data!r}; {device_name(device)} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_first_epochs(medians: dict[str, tuple[float, float]], batch_size: int, repeats: int) -> None:
+    print(f"epochs 1 and 2 of a fresh `python -m trainable` process at batch {batch_size}, "
+          f"median of {repeats}:")
+    base, ours = medians.values()
+    for label, (one, two) in medians.items():
+        print(f"  {label:<52} epoch 1 {one:6.2f} s   epoch 2 {two:6.2f} s")
+    print(f"speed-up of keeping freed memory: epoch 1 {base[0] / ours[0]:.2f}x, epoch 2 {base[1] / ours[1]:.2f}x")
+
+
+def print_precision_check(runs: list[tuple[str, list[dict]]]) -> None:
+    for precision, history in runs:
+        curve = " ".join(f"{m['train_loss']:.3f}" for m in history)
+        last = history[-1]
+        print(f"{precision}: test_accuracy {100 * last['test_accuracy']:.2f}%  test_loss {last['test_loss']:.4f}  "
+              f"train_loss per epoch: {curve}")
+    (_, fp32), (_, bf16) = runs
+    gap = 100 * (bf16[-1]["test_accuracy"] - fp32[-1]["test_accuracy"])
+    worst = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(fp32, bf16))
+    print(f"bf16 - fp32: test_accuracy {gap:+.2f} points; largest train_loss gap over the epochs {worst:.4f}")
 
 
 def first_epochs(data_args: list[str], batch_size: int, repeats: int,
@@ -427,5 +376,7 @@ def print_speed(medians: dict[str, float], data: Dataset, batch_size: int, repea
           f"ours fp32 {100 * floors['fp32'] / fp32:.0f}% of the fp32 floor")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m trainable.bench: the command is tuning/commands/bench.py
+    from tuning.commands.bench import PROG_EPOCH, epoch_main
+
+    sys.exit(epoch_main(prog=PROG_EPOCH))

@@ -18,20 +18,17 @@ trained as `python -m trainable` trains it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from trainable.cli import OneLineParser, add_data_args, fail
-from trainable.config import PRECISIONS, ConfigError, TrainConfig
-from trainable.data import DataError, Dataset, load_dataset
+from trainable.config import TrainConfig
+from trainable.data import Dataset
 from trainable.fit import Trainer
 from trainable.hardware import precision_of
 from trainable.loops import autocast, evaluate, to_unit
-
-PROG = "python -m trainable.explain"
 
 
 def tutorial_epochs(data: Dataset, config: TrainConfig) -> Iterator[dict[str, Any]]:
@@ -84,25 +81,10 @@ def print_table(title: str, rows: Iterator[dict[str, Any]]) -> None:
               f"{r['test_loss']:>9.4f}  {100 * r['test_accuracy']:>12.1f}%", flush=True)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
-    p = OneLineParser(prog=prog, description="The tutorial's train/test loss puzzle, measured.")
-    add_data_args(p)
-    p.add_argument("--config", metavar="YAML",
-                   help="also explain this configuration (e.g. a search's best_config.yaml)")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="fp32 for the tutorial's run unless given (the tutorial is fp32); --config's own precision unless given",
-    )
-    args = p.parse_args(argv)
-    try:
-        other = TrainConfig.load(args.config) if args.config else None
-        if other is not None and args.precision:
-            other = other.with_updates(precision=args.precision)
-        data = load_dataset(args.data or "cifar10", args.data_root or "data", cache_dir=args.cache_dir)
-    except (ConfigError, DataError) as exc:
-        return fail(prog, str(exc))
-    tutorial = TrainConfig(precision=args.precision or "fp32")
+def explain(data: Dataset, precision: str | None = None, other: TrainConfig | None = None, name: str = "") -> None:
+    """The tutorial's configuration trained as the tutorial does (fp32 unless `precision`), then
+    `other` (the configuration in file `name`) as `python -m trainable` trains it, as tables."""
+    tutorial = TrainConfig(precision=precision or "fp32")
     print_table(
         "The tutorial's configuration, trained as the tutorial does "
         f"(one fixed order, no reshuffling; {_precision(tutorial)}):",
@@ -111,11 +93,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     if other is not None:
         print()
         print_table(
-            f"{args.config} ({other.optimizer}, lr {other.lr:g}, batch {other.batch_size}, {other.schedule} schedule; "
+            f"{name} ({other.optimizer}, lr {other.lr:g}, batch {other.batch_size}, {other.schedule} schedule; "
             f"{_precision(other)}):",
             our_epochs(data, other),
         )
-    return 0
 
 
 def _precision(config: TrainConfig) -> str:
@@ -123,5 +104,7 @@ def _precision(config: TrainConfig) -> str:
     return precision_of(config.precision, "cpu")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m trainable.explain: the command is tuning/commands/explain.py
+    from tuning.commands.explain import main
+
     sys.exit(main())

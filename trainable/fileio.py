@@ -1,10 +1,11 @@
 """Small file helpers shared by everything that writes files users read, and what a failed write
-(a full disk, a quota, a read-only or failing disk) is called wherever it surfaces."""
+(a full disk, a quota, a read-only or failing disk) is called wherever it surfaces; strict JSON of metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -112,3 +113,8 @@ def yaml_number(value: Any) -> Any:
         except ValueError:
             pass
     return value
+
+
+def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Strict-JSON copy of a metrics dict: NaN and infinities become null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

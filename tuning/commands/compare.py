@@ -1,7 +1,7 @@
 """hptune compare: search strategies side by side, on the same data, budget and trainer.
 
-Every strategy is a real `tuning/search.py` run (same data, same number of samples, several
-sampler seeds, our fast trainer), so only the strategy differs:
+Every strategy is a real search, as `hptune search` runs it (same data, same number of samples,
+several sampler seeds, our fast trainer), so only the strategy differs:
 
     ours           the default: the space's center first, then TPE over the define-by-run space,
                    the noise-aware stopping rule (tuning/noise.py), stalled trials stopped
@@ -40,11 +40,21 @@ from typing import Any
 
 import pandas as pd
 
-from trainable.cli import OneLineParser, add_data_args, command_line, data_flags, fail, positive_int
 from trainable.errors import INTERRUPTED_STATUS, TERMINATED_STATUS
 from trainable.fileio import atomic_write_text
 from trainable.hardware import machine
+from tuning.commands.common import (
+    OneLineParser,
+    add_data_args,
+    add_model_args,
+    command_line,
+    data_overrides,
+    fail,
+    positive_int,
+)
+from tuning.commands.search import base_config, search
 from tuning.results.experiment import Experiment, met
+from tuning.settings import Grace, SearchSettings
 
 PROG = "hptune compare"
 
@@ -65,16 +75,17 @@ optimizer: sgd
 momentum: 0.9
 """
 DEFAULT_STRATEGIES = ["ours", "asha", "converged", "ray-tutorial", "optuna-tpe"]
-# strategy -> extra flags of tuning/search.py (every run also gets --no-baseline, --quiet, ...)
-STRATEGIES: dict[str, list[str]] = {
-    "ours": [],
-    "asha": ["--stopping", "asha"],
-    "syne-asha": ["--stopping", "syne-asha"],
-    "converged": ["--until-converged"],
-    "ray-tutorial": ["--space", "{ray_tutorial_space}", "--sampler", "random", "--objective", "test_loss",
-                     "--grace-period", "1", "--reduction-factor", "2", "--no-center"],
-    "optuna-tpe": ["--no-early-stop", "--no-center"],
-    "random-asha": ["--sampler", "random", "--no-center", "--stopping", "asha"],
+# strategy -> its own SearchSettings (every run also has no baseline, is quiet, ...); ray-tutorial
+# also has its own space (--tutorial-space)
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "asha": {"stopping": "asha"},
+    "syne-asha": {"stopping": "syne-asha"},
+    "converged": {"until_converged": True},
+    "ray-tutorial": {"sampler": "random", "objective": "test_loss", "grace": Grace.parse("1"),
+                     "reduction_factor": 2.0, "center": False},
+    "optuna-tpe": {"early_stop": False, "center": False},
+    "random-asha": {"sampler": "random", "center": False, "stopping": "asha"},
 }
 
 
@@ -93,9 +104,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="trials of ours-warm (default: half of --samples)")
     p.add_argument("--out", default="results/compare", metavar="FOLDER",
                    help="where the runs and the summary go (default results/compare)")
-    p.add_argument("--model", metavar="REF",
-                   help="your model factory (MODULE:NAME or FILE.py:NAME) for every strategy "
-                        "(default: the tutorial's MLP)")
+    add_model_args(p, "your model factory (MODULE:NAME or FILE.py:NAME) for every strategy "
+                      "(default: the tutorial's MLP)")
     p.add_argument("--space", metavar="YAML",
                    help="the space of ours, optuna-tpe and random-asha (default: the default space)")
     p.add_argument("--tutorial-space", metavar="YAML",
@@ -103,27 +113,27 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from tuning.commands.search import main as search
-
-    tutorial_space = args.tutorial_space or out / "ray-tutorial-space.yaml"
-    extra = [a.format(ray_tutorial_space=tutorial_space) for a in STRATEGIES.get(strategy, [])]
-    if args.space and strategy != "ray-tutorial":
-        extra += ["--space", args.space]
-    if args.model:
-        extra += ["--model", args.model]
-    samples = args.samples
-    if strategy == "ours-warm":
-        samples = args.warm_samples or max(1, args.samples // 2)
-        extra = ["--warm-start", str(args.warm_start)]
-    argv = [*data_flags(args), "--samples", str(samples), "--seed", str(seed), "--results-dir", str(out / "runs"),
-            "--name", f"{strategy}-seed{seed}", "--no-baseline", "--quiet", *extra]
-    if args.num_cpus:
-        argv += ["--num-cpus", str(args.num_cpus)]
-    folder = out / "runs" / f"{strategy}-seed{seed}"
+def run_strategy(strategy: str, seed: int, args: argparse.Namespace, out: Path, command: str = "") -> dict[str, Any]:
+    """One strategy's search with one sampler seed, in <out>/runs/<strategy>-seed<seed> (a finished
+    one is measured again, not run again; an unfinished one resumes), and its measures. `command`
+    is what goes on with it (the compare's own command)."""
+    name = f"{strategy}-seed{seed}"
+    folder = out / "runs" / name
     if not (folder / "experiment.json").exists() or Experiment.load(folder).meta.get("status") != "finished":
         print(f"{strategy}, seed {seed} ...", flush=True)
-        status = search(argv)
+        settings = SearchSettings(samples=args.samples, seed=seed, results_dir=str(out / "runs"), name=name,
+                                  baseline=False, quiet=True, num_cpus=args.num_cpus, cache_dir=args.cache_dir,
+                                  **STRATEGIES.get(strategy, {}))
+        space = args.space
+        if strategy == "ray-tutorial":
+            space = str(args.tutorial_space or out / "ray-tutorial-space.yaml")
+        model = {"model": args.model} if args.model else {}
+        if strategy == "ours-warm":  # our default, with the earlier experiment's trials; its own space and model
+            settings = settings.replace(samples=args.warm_samples or max(1, args.samples // 2),
+                                        warm_start=str(args.warm_start))
+            space, model = None, {}
+        status = search(settings, lambda: base_config(overrides={**data_overrides(args), **model}), space,
+                        lambda _: command)
         if status in (INTERRUPTED_STATUS, TERMINATED_STATUS):
             raise SearchStopped(status)  # the search has kept what finished; main says how to go on
         if status != 0:
@@ -237,18 +247,18 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         return fail(prog, f"{out}: cannot create it ({exc.strerror or exc})")
     (out / "ray-tutorial-space.yaml").write_text(RAY_TUTORIAL_SPACE)
     started = time.time()
+    command = command_line(prog, sys.argv[1:] if argv is None else argv)
     strategies = [*args.strategies, *(["ours-warm"] if args.warm_start else [])]
     rows, curves = [], {}
     try:
         for seed in args.seeds:  # seed by seed, so a partial run already compares like with like
             for strategy in strategies:
-                rows.append(run_strategy(strategy, seed, args, out))
+                rows.append(run_strategy(strategy, seed, args, out, command))
                 folder = out / "runs" / f"{strategy}-seed{seed}"
                 curves.setdefault(strategy, []).append(progress(Experiment.load(folder)))
     except RuntimeError as exc:
         return fail(prog, str(exc), status=1)
     except KeyboardInterrupt as exc:
-        command = command_line(prog, sys.argv[1:] if argv is None else argv)
         print(f"\nInterrupted. Finished searches are kept in {out / 'runs'}; the same command goes on from "
               f"them (an interrupted search resumes):\n  {command}", file=sys.stderr)
         return exc.status if isinstance(exc, SearchStopped) else INTERRUPTED_STATUS
@@ -257,7 +267,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     atomic_write_text(out / "runs.csv", runs.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     table = markdown(summary)
-    command = command_line(prog, sys.argv[1:] if argv is None else argv)
     atomic_write_text(out / "summary.md", f"Machine: {machine()}; {dt.date.today():%Y-%m-%d}; medians over seeds "
                       f"{' '.join(map(str, args.seeds))}.\nCommand: `{command}`\n\n{table}")
     plot(curves, out / "compare.png")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from trainable.cli import OneLineParser, positive_int
+from tuning.commands.common import OneLineParser, positive_int
 from tuning.results.journal import Journal, trials
 
 PROG = "hptune loadtest"

@@ -1,5 +1,5 @@
 """hptune: the command on the PATH (`pip install -e .` puts it there). One subcommand per job;
-each is a module with `main(argv, prog) -> int`, imported only when it runs."""
+each is a function `main(argv, prog) -> int` of a module in tuning/commands/, imported only when it runs."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from collections.abc import Sequence
 
 from trainable.errors import USAGE_ERROR
 
-# subcommand -> (module with main(argv, prog), what it does)
+# subcommand -> (module with main(argv, prog), or MODULE:FUNCTION, what it does)
 COMMANDS = {
     "search": ("tuning.commands.search", "search hyperparameters (the tutorial's MLP, or your own model and data)"),
-    "train": ("trainable.__main__", "train one configuration without Ray, e.g. a search's best_config.yaml"),
+    "train": ("tuning.commands.train", "train one configuration without Ray, e.g. a search's best_config.yaml"),
     "show": ("tuning.commands.show", "the summary of an experiment folder, finished, interrupted or running"),
     "report": ("tuning.commands.report", "figures and an HTML page from an experiment folder"),
-    "export": ("tuning.results.export", "rewrite an experiment's trials.csv, epochs.csv and best_config.yaml"),
+    "export": ("tuning.commands.export", "rewrite an experiment's trials.csv, epochs.csv and best_config.yaml"),
     "compare": ("tuning.commands.compare", "search strategies side by side on the same data and budget"),
-    "bench": ("trainable.bench", "an epoch against the tutorial's and against this machine's floor"),
-    "bench-search": ("tuning.commands.bench", "how much of a search's time goes to training"),
-    "explain": ("trainable.explain", "why the tutorial saw its test loss below its train loss"),
+    "bench": ("tuning.commands.bench:epoch_main", "an epoch against the tutorial's and against this machine's floor"),
+    "bench-search": ("tuning.commands.bench:search_main", "how much of a search's time goes to training"),
+    "explain": ("tuning.commands.explain", "why the tutorial saw its test loss below its train loss"),
     "loadtest": ("tuning.commands.loadtest", "many tiny trials: all accounted for, driver memory flat"),
 }
 
@@ -60,13 +60,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return USAGE_ERROR
     prog = f"hptune {name}"
+    module, _, function = COMMANDS[name][0].partition(":")
+
+    def run() -> int:
+        return getattr(importlib.import_module(module), function or "main")(argv[1:], prog=prog)
+
     try:
         if name == "search" and from_command_line:  # the search runs in a watched child process
             from tuning import supervisor
 
-            return supervisor.command(lambda: importlib.import_module(COMMANDS[name][0]).main(argv[1:], prog=prog),
-                                      prog)
-        return importlib.import_module(COMMANDS[name][0]).main(argv[1:], prog=prog)
+            return supervisor.command(run, prog)
+        return run()
     except BrokenPipeError:  # `hptune show ... | head`: the reader left; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from trainable.cli import OneLineParser, fail, positive_int
+from tuning.commands.common import OneLineParser, fail, positive_int
 from tuning.results.experiment import ExperimentError
 from tuning.results.report import write_report
 

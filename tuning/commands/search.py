@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainable import challenge
-from trainable.cli import (
+from trainable.config import PRECISIONS, TrainConfig
+from tuning import driver
+from tuning.commands.common import (
     OneLineParser,
     add_data_args,
+    add_model_args,
     command_line,
     data_overrides,
     fail,
-    model_arg,
     non_negative_int,
     positive_int,
 )
-from trainable.config import PRECISIONS, TrainConfig
-from tuning import driver
 from tuning.noise import MIN_TRIALS, WINDOW
 from tuning.objective import DEFAULT_OBJECTIVE, OBJECTIVES
 from tuning.settings import (
@@ -123,11 +123,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--smoke-test", action="store_true",
                    help="synthetic data, 3 samples, 2 epochs: a fast end-to-end check")
     m = p.add_argument_group("your own model and data")
-    m.add_argument("--model", metavar="REF",
-                   help="model factory: mlp (the tutorial's, default), MODULE:NAME or path/to/file.py:NAME; it gets "
-                        "the model hyperparameters (model.NAME in the space) and input_shape, num_classes")
-    m.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
-                   help="a model hyperparameter for every trial, unless the space searches it (repeatable)")
+    add_model_args(m, "model factory: mlp (the tutorial's, default), MODULE:NAME or path/to/file.py:NAME; it gets "
+                      "the model hyperparameters (model.NAME in the space) and input_shape, num_classes",
+                   "a model hyperparameter for every trial, unless the space searches it (repeatable)")
     m.add_argument("--loop", metavar="REF",
                    help="your own training loop (config, data, report) instead of ours: MODULE:NAME or FILE.py:NAME")
     r = p.add_argument_group("resources")
@@ -227,10 +225,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
 
 
 def base_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The base configuration: --config (or the tutorial's), then the data, model and precision flags.
-    Data paths are kept as the user gave them (relative to the working directory), so the
-    experiment folder holds no absolute path; trials get the data through Ray's object store."""
-    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    """The base configuration: --config (or the tutorial's), then the data, model and precision flags."""
     overrides: dict[str, Any] = {**data_overrides(args)}
     if args.precision:
         overrides["precision"] = args.precision
@@ -238,9 +233,20 @@ def base_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides["model"] = args.model
     if args.loop:
         overrides["loop"] = args.loop
-    if args.model_arg:
-        overrides["model_args"] = {**base.model_args, **dict(args.model_arg)}
-    if args.smoke_test:
+    return base_config(args.config, overrides, args.model_arg, smoke_test=args.smoke_test)
+
+
+def base_config(config: str | None = None, overrides: dict[str, Any] | None = None,
+                model_args: Sequence[tuple[str, Any]] = (), smoke_test: bool = False) -> TrainConfig:
+    """`config` (a YAML path; None: the tutorial's) with `overrides` (TrainConfig fields) and
+    `model_args` on top; a smoke test's data is synthetic unless given, and it trains 2 epochs.
+    Data paths are kept as the user gave them (relative to the working directory), so the
+    experiment folder holds no absolute path; trials get the data through Ray's object store."""
+    base = TrainConfig.load(config) if config else TrainConfig()
+    overrides = dict(overrides or {})
+    if model_args:
+        overrides["model_args"] = {**base.model_args, **dict(model_args)}
+    if smoke_test:
         overrides.setdefault("data", "synthetic")
         overrides["epochs"] = 2  # the baseline too
     return base.with_updates(**overrides)
@@ -256,14 +262,26 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     try:
-        settings = settings_from_args(args).named()
-        space = load_space(args.space) if args.space else default_space(args.smoke_test)
-        if args.smoke_test:
-            space = smoke(space)
-        inputs = driver.Inputs(space=space, base=base_from_args(args),
-                               command=resume_command(prog, argv, settings.name))
+        settings = settings_from_args(args)
+    except driver.INPUT_ERRORS as exc:
+        return fail(prog, str(exc))
+    return search(settings, lambda: base_from_args(args), args.space,
+                  lambda name: resume_command(prog, argv, name), prog=prog)
+
+
+def search(settings: SearchSettings, base: Callable[[], TrainConfig], space: str | None,
+           command: Callable[[str], str], prog: str = PROG) -> int:
+    """A search from typed settings, the one way every command starts one: the settings named, the
+    space (`space`, a YAML file or a reference; None: the default), the base configuration, and the
+    driver's exit status. `base` is called after the space is read, `command` with the search's
+    name (what continues it, for messages). Bad input is one line on stderr and exit status 2."""
+    try:
+        settings = settings.named()
+        loaded = load_space(space) if space else default_space(settings.smoke_test)
+        if settings.smoke_test:
+            loaded = smoke(loaded)
+        inputs = driver.Inputs(space=loaded, base=base(), command=command(settings.name))
         outcome = driver.run(settings, inputs, prog=prog)
     except (*driver.INPUT_ERRORS, driver.InputError) as exc:
         return fail(prog, str(exc))
     return outcome.status
-

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from trainable.cli import OneLineParser, fail
+from tuning.commands.common import OneLineParser, fail
 from tuning.results.experiment import Experiment, ExperimentError
 from tuning.results.show import summary, summary_lines
 

@@ -6,25 +6,21 @@
 from __future__ import annotations
 
 import io
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from trainable import challenge
-from trainable.cli import OneLineParser, fail
 from trainable.config import TRAINING_HYPERPARAMETERS, TrainConfig
 from trainable.errors import UsageError
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_text
 from trainable.fit import METRICS, slow_epoch_text
-from tuning.results.experiment import Experiment, ExperimentError
+from tuning.results.experiment import Experiment
 from tuning.results.ranking import final_objective, rank
 from tuning.results.tables import epochs_table, params_of, trials_table
 from tuning.results.journal import ERRORED, INTERRUPTED, RUNNING, TrialRecord
-from tuning.results import mlflow_runs, wandb_runs
 from tuning.results.listener import Listener
 
 TRIALS_CSV, EPOCHS_CSV, BEST_CONFIG = "trials.csv", "epochs.csv", "best_config.yaml"
@@ -94,49 +90,3 @@ class CsvFiles(Listener):
 
     def trial_ended(self, trial: str, experiment: Experiment) -> None:
         export(experiment)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "hptune export") -> int:
-    parser = OneLineParser(prog=prog,
-                           description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
-    parser.add_argument("experiment", help="results/<name>")
-    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI",
-                        help="also push the search and its trials to MLflow, or bring them up to date there "
-                             "(default store: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    parser.add_argument("--wandb", metavar="PROJECT",
-                        help="also push each trial to Weights & Biases as a run (offline without an API key), or "
-                             "bring them up to date there")
-    args = parser.parse_args(argv)
-    try:
-        experiment = Experiment.load(args.experiment)
-        uri = None
-        if args.mlflow is not None:
-            uri = mlflow_runs.resolve_uri(args.mlflow)
-            mlflow_runs.check(uri)
-        if args.wandb is not None:
-            wandb_runs.check(args.wandb)
-        paths = export(experiment)
-    except (ExperimentError, UsageError) as exc:
-        return fail(parser.prog, str(exc))
-    for path in paths.values():
-        print(path)
-    if uri is not None:
-        try:
-            mlflow_runs.MlflowRuns(uri).push(experiment, ended=experiment.meta.get("status") != "running")
-        except Exception as exc:  # noqa: BLE001 - the store's own words, on one line
-            return fail(parser.prog, f"MLflow ({uri}): {mlflow_runs.first_line(exc)}", status=1)
-        print(f"MLflow: {uri}, experiment {mlflow_runs.experiment_name()!r}, run {experiment.name!r}")
-    if args.wandb is not None:
-        runs = wandb_runs.WandbRuns(experiment.folder, args.wandb)
-        try:
-            runs.push(experiment, ended=experiment.meta.get("status") != "running")
-        except Exception as exc:  # noqa: BLE001 - W&B's own words, on one line
-            return fail(parser.prog, f"W&B ({args.wandb}): {mlflow_runs.first_line(exc)}", status=1)
-        where = f" (offline: wandb sync {experiment.folder / wandb_runs.WANDB_DIR}/offline-run-*)" \
-            if runs.mode == "offline" else ""
-        print(f"W&B: project {args.wandb!r}, group {experiment.name!r}{where}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

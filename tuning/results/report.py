@@ -23,7 +23,6 @@ import base64
 import html
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from trainable import challenge
-from trainable.cli import OneLineParser, fail, positive_int
 from trainable.confirm import CONFIRM_FILE, describe, lucky_seed_check, read_confirm
 from trainable.fileio import atomic_write_bytes, atomic_write_text
 from tuning.results import export as export_mod

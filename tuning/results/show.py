@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trainable.challenge import verdict_text
-from trainable.cli import jsonable
+from trainable.fileio import jsonable
 from tuning.results import export as export_mod
 from tuning.results.console import baseline_label, fmt_difference, fmt_objective, fmt_params, fmt_result
 from tuning.results.experiment import Experiment, final_objective, final_se, met

@@ -1,10 +1,9 @@
-"""Command-line plumbing shared by `python -m trainable` and `tuning/*.py`."""
+"""Command-line plumbing shared by every command: the one-line usage error, argparse types, and the
+flag groups several commands declare alike (data, model)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -77,15 +76,6 @@ def data_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Strict-JSON copy of a metrics dict: NaN and infinities become null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-
-
-def dumps(metrics: dict[str, Any]) -> str:
-    return json.dumps(jsonable(metrics), allow_nan=False)
-
-
 def model_arg(text: str) -> tuple[str, Any]:
     """argparse type of --model-arg: NAME=VALUE, the value read as YAML (64, 0.5, true, [64, 32], relu)."""
     import yaml
@@ -98,3 +88,13 @@ def model_arg(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     return name, parsed
+
+
+def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model_help: str,
+                   arg_help: str | None = None, default: str | None = None) -> None:
+    """--model, and --model-arg unless `arg_help` is None, declared alike by every command that
+    builds a model; each command says in its help what they mean to it."""
+    parser.add_argument("--model", default=default, metavar="REF", help=model_help)
+    if arg_help is not None:
+        parser.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
+                            help=arg_help)
