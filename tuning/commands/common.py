@@ -98,3 +98,14 @@ def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, mo
     if arg_help is not None:
         parser.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="NAME=VALUE",
                             help=arg_help)
+
+
+def add_tracker_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """--mlflow [URI] and --wandb PROJECT, for the commands that log a search to a tracker: `what`
+    says what they do there ("also log", "push")."""
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                        help=f"{what} the search and each trial to MLflow (default store: $MLFLOW_TRACKING_URI, "
+                             "else sqlite:///mlflow.db here; pip install 'hptune[mlflow]')")
+    parser.add_argument("--wandb", metavar="PROJECT",
+                        help=f"{what} each trial to Weights & Biases as a run, grouped by the search (offline, "
+                             "under results/<name>/wandb, without an API key; pip install 'hptune[wandb]')")

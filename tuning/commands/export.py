@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from trainable.errors import UsageError
-from tuning.commands.common import OneLineParser, fail
+from tuning.commands.common import OneLineParser, add_tracker_args, fail
 from tuning.results import mlflow_runs, wandb_runs
 from tuning.results.experiment import Experiment, ExperimentError
 from tuning.results.export import export
@@ -19,12 +19,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     parser = OneLineParser(prog=prog,
                            description="Rewrite an experiment's CSV files and best_config.yaml from its journal.")
     parser.add_argument("experiment", help="results/<name>")
-    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI",
-                        help="also push the search and its trials to MLflow, or bring them up to date there "
-                             "(default store: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    parser.add_argument("--wandb", metavar="PROJECT",
-                        help="also push each trial to Weights & Biases as a run (offline without an API key), or "
-                             "bring them up to date there")
+    add_tracker_args(parser, "push (or bring up to date)")
     args = parser.parse_args(argv)
     try:
         experiment = Experiment.load(args.experiment)

@@ -26,6 +26,7 @@ from tuning.commands.common import (
     OneLineParser,
     add_data_args,
     add_model_args,
+    add_tracker_args,
     command_line,
     data_overrides,
     fail,
@@ -171,12 +172,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="re-train the best configuration with N new seeds and report mean and spread (default 0)")
     o.add_argument("--tensorboard", action="store_true",
                    help="also write each trial's metrics and hyperparameters to results/<name>/tensorboard/")
-    o.add_argument("--mlflow", nargs="?", const="", metavar="URI",
-                   help="also log the search and each trial to MLflow (default store: $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///mlflow.db here; pip install 'hptune[mlflow]')")
-    o.add_argument("--wandb", metavar="PROJECT",
-                   help="also log each trial to Weights & Biases as a run, grouped by the search (offline, under "
-                        "results/<name>/wandb, without an API key; pip install 'hptune[wandb]')")
+    add_tracker_args(o, "also log")
     o.add_argument("--quiet", action="store_true", help="print only the summary: no line per trial, no live line")
     o.add_argument("--verbose", action="store_true", help="Ray's own progress tables and logs as well")
     return p
