@@ -9,16 +9,14 @@ its separate run gives. No Ray here, and no import of `tuning/`.
 - Forward and backward: for the tutorial's MLP (`nn.Sequential` of Flatten, Linear, ReLU: the
   default `build`, any widths) one batched matmul per layer, `_BatchedLinear` (baddbmm, bias
   inside the matmul as nn.Linear's addmm); for any other `build`, `torch.func.functional_call`
-  of a template model under `torch.vmap`. Why batched matmuls for the MLP, measured on this
-  project's 2-core Intel Xeon (K=16, batch 128, one thread, 2,048 images an epoch): on a CPU
-  each member's logits and gradients come out bit for bit those of its own model, fp32 and bf16
+  of a template model under `torch.vmap`. Batched matmuls for the MLP because on a CPU each
+  member's logits and gradients come out bit for bit those of its own model, fp32 and bf16
   (vmap's linear adds the bias after the matmul, in fp32 under autocast, so a bf16 member
-  drifted from its separate run by bf16 rounding within an epoch), and they were faster:
-  4.2-4.7 s an epoch against vmap's 4.9-5.1 s in fp32, 3.3 s against 7.5 s in bf16. Most of
-  that is memory, not arithmetic: autograd's bmm returns the stacked weight gradients transposed
-  (a transposing copy of the K=16 first layer took ~150 ms), and a gradient above 32 MB is
-  mapped and page-faulted afresh by glibc every step; `_BatchedLinear` writes it in the weights'
-  layout into a buffer kept between steps.
+  drifts from its separate run by bf16 rounding within an epoch), and because they are faster
+  (docs/speed.md, "Trial arrays"). Most of that is memory: autograd's bmm returns the stacked
+  weight gradients transposed, and a gradient above 32 MB is mapped and page-faulted afresh by
+  glibc every step; `_BatchedLinear` writes it in the weights' layout into a buffer kept
+  between steps.
 - Data order: member k draws its own permutation each epoch, `torch.randperm(n, generator=
   torch.Generator().manual_seed(epoch_seed(seed_k, epoch_k)))` as `loops.train_epoch` does, and
   step s gathers one (K, B) index into one (K, B, ...) batch: member k sees the batches of its
@@ -63,14 +61,9 @@ its separate run gives. No Ray here, and no import of `tuning/`.
   time, what the member experienced; a search summing trial-seconds counts an array's epoch
   once per member.
 
-Speed (`python -m trainable.arrays_bench --k 4 16 --epochs 2 --threads 1 --repeats 3`, on the
-2-core Intel Xeon, KVM, model 207, AVX512-BF16 and AMX, shared with other work; synthetic data,
-batch 128): arrays are SLOWER here than the same trials one after another: array / separate
-0.36-0.58x at K=4 and 0.44-0.64x at K=16 in bf16 (this CPU's default, against the Trainer's
-fused bf16 step), 0.79-0.83x and 0.74-0.82x in fp32 (runs on a shared box; the table is in
-`trainable.arrays_bench`). The stacked GEMMs run as fast as single ones on this CPU and the
-rest of a step grows with K. Arrays stay off by default on CPUs; they are meant for GPUs, where
-one small model leaves most of the chip idle (not measured on a GPU as of 2026-12-01).
+On a CPU arrays are slower than the same trials one after another, so a search uses them only
+when asked; the figures, and why, are in docs/speed.md ("Trial arrays"). They are meant for GPUs,
+where one small model leaves most of the chip idle.
 """
 from __future__ import annotations
 

@@ -20,9 +20,11 @@ separate trials, said once).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -30,6 +32,8 @@ import torch
 
 from trainable.config import TrainConfig
 from trainable.data import Data
+from tuning.engine.usercode import UserCode
+from tuning.settings import SearchSettings
 
 WAIT_SECONDS = 0.5  # how long a round waits for members that have not asked again
 
@@ -198,6 +202,35 @@ def why_not(data: Any, loop: Any, base: TrainConfig, model: Any = None) -> str |
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"the model cannot be trained as a stack of models ({type(exc).__name__}: {first[:200]})"
     return None
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """The one seam between the search and --arrays: what each trial asks of Ray, how many trials
+    run at once, and the stand-in each trial trains with instead of a Trainer."""
+
+    server: Any  # the ArrayServer actor
+    resources: dict[str, float]
+    max_concurrent: int
+
+    def trainer(self, config: TrainConfig, trial_id: str) -> ArrayMember:
+        return ArrayMember(self.server, trial_id, config)
+
+
+def plan_arrays(settings: SearchSettings, data: Data, base: TrainConfig, code: UserCode,
+                res: dict[str, float]) -> ArrayPlan | None:
+    """The search's arrays, or None: without --arrays, or where they cannot apply (said once, and
+    the trials train separately)."""
+    if settings.arrays <= 1:
+        return None
+    reason = why_not(data, base.loop or code.loop, base, code.model)
+    if reason:
+        print(f"hptune: note: --arrays {settings.arrays}: {reason}, so trials train separately", file=sys.stderr,
+              flush=True)
+        return None
+    server = start_server(data, settings.arrays, res, settings.challenge_window, code.model)  # it holds the device
+    return ArrayPlan(server, {"cpu": res["cluster_cpus"] / settings.arrays, "gpu": 0.0},
+                     min(settings.max_concurrent or settings.arrays, settings.arrays))
 
 
 def start_server(data: Data, members: int, res: dict[str, float], challenge_window: int, model: Any = None) -> Any:

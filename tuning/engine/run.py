@@ -19,7 +19,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from trainable.config import TrainConfig
 from trainable.data import Data
-from tuning.engine.arrays import start_server, why_not
+from tuning.engine.arrays import plan_arrays
 from tuning.engine.callbacks import ExperimentCallback
 from tuning.engine.hooks import Hooks
 from tuning.engine.schedulers import make_scheduler
@@ -124,16 +124,10 @@ def run_trials(
                       *(c.get("epochs", base.epochs) for c in fixed)])
     scheduler = scheduler_for(experiment, pending, max_epochs)
     resources = {"cpu": res["cpu"], "gpu": res["gpu"]}
-    server, max_concurrent = None, settings.max_concurrent
-    if settings.arrays > 1:
-        reason = why_not(data, base.loop or code.loop, base, code.model)
-        if reason:
-            print(f"hptune: note: --arrays {settings.arrays}: {reason}, so trials train separately", file=sys.stderr,
-                  flush=True)
-        else:  # the server holds the device; a member's trial only waits for it
-            server = start_server(data, settings.arrays, res, settings.challenge_window, code.model)
-            resources = {"cpu": res["cluster_cpus"] / settings.arrays, "gpu": 0.0}
-            max_concurrent = min(settings.max_concurrent or settings.arrays, settings.arrays)
+    max_concurrent = settings.max_concurrent
+    arrays = plan_arrays(settings, data, base, code, res)  # None without --arrays
+    if arrays is not None:  # a member's trial only waits for the ArrayServer, which holds the device
+        resources, max_concurrent = arrays.resources, arrays.max_concurrent
     # Tune keeps only one trial pending at a time for a searcher; let every free slot fill at once.
     slots = res["cluster_cpus"] / resources["cpu"]
     if resources["gpu"] > 0:
@@ -150,7 +144,7 @@ def run_trials(
         checkpoints={t.trial: t.checkpoint for t in pending if t.checkpoint},
         hooks=Hooks.from_environment(),
         code=code,
-        array_server=server,
+        arrays=arrays,
     )
     trainable = tune.with_parameters(train_trial, data=data, setup=setup)
     trainable = tune.with_resources(trainable, resources)

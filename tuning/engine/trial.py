@@ -26,7 +26,6 @@ from trainable.data import Data
 from trainable.fit import METRICS, Trainer
 from trainable.hardware import flush_denormals
 from trainable.own_loop import loop_of, run_own_loop
-from tuning.engine.arrays import ArrayMember
 from tuning.engine.hooks import Hooks
 from tuning.engine.searcher import BASELINE, CONTINUES, hyperparameters
 from tuning.engine.usercode import UserCode
@@ -52,7 +51,7 @@ class TrialSetup:
     checkpoints: Mapping[str, str] = field(default_factory=dict)  # interrupted trial -> its last checkpoint
     hooks: Hooks | None = None  # test hooks, only where the environment asks for them
     code: UserCode = field(default_factory=UserCode)
-    array_server: Any = None  # --arrays: the actor that trains this search's trials together
+    arrays: Any = None  # --arrays: an ArrayPlan (tuning/engine/arrays.py), whose members replace the Trainer
 
 
 def trial_device(gpu_ids: list) -> torch.device:
@@ -108,9 +107,9 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
         run_own_loop(loop, config, data, on_epoch, challenge_window=setup.challenge_window,
                      history=list(history), state=(state or {}).get("loop_state"))
         return
-    trainer: Trainer | ArrayMember
-    if setup.array_server is not None:  # its epochs run in the ArrayServer, with other trials'
-        trainer = ArrayMember(setup.array_server, tune.get_context().get_trial_id(), config)
+    trainer: Any
+    if setup.arrays is not None:  # its epochs run in the ArrayServer, with other trials'
+        trainer = setup.arrays.trainer(config, tune.get_context().get_trial_id())
     else:
         trainer = Trainer(config, data, device=device, challenge_window=setup.challenge_window,
                           model_factory=setup.code.model)
