@@ -201,6 +201,14 @@ def test_an_unreachable_tracking_server_is_one_line_exit_2_before_anything_runs(
     assert status == 2, err
     assert len(err.strip().splitlines()) == 1 and uri in err and "Traceback" not in err, err
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    import hptune
+    from trainable.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot reach the tracking server"):  # the Python API, alike
+        hptune.search(smoke_test=True, results_dir=str(tmp_path / "results"), mlflow=uri)
+    with pytest.raises(UsageError, match="a W&B project name cannot"):
+        hptune.search(smoke_test=True, results_dir=str(tmp_path / "results"), wandb="team/project")
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
 
 @contextlib.contextmanager
