@@ -4,7 +4,7 @@ challenge as constraints (for Optuna, so the sampler learns where the feasible r
 The objective is what users want from a run, test accuracy by default; the tutorial's
 challenge is not folded into it (a +1 for meeting it would rank a 40% trial above a 60% one,
 and at an ASHA rung it would mostly ask whether a cosine schedule had annealed yet). It enters
-Optuna as constraints, and the ranking (`tuning.results.experiment.rank`) picks the most accurate trial
+Optuna as constraints, and the ranking (`tuning.results.ranking.rank`) picks the most accurate trial
 that meets it.
 """
 

@@ -19,6 +19,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tuning import supervisor
+    from tuning.commands.search import supervised_main
 
-    sys.exit(supervisor.command(main, PROG))  # the search runs in a watched child process
+    sys.exit(supervised_main(prog=PROG))

@@ -19,7 +19,7 @@ several sampler seeds, our fast trainer), so only the strategy differs:
 
 Per run it reads the experiment's journal: the trial-epochs and wall seconds of the whole search,
 and until some epoch first came within 0.5 and 0.3 points of the run's own final best test
-accuracy (the winner's, tuning.results.experiment.rank), that final best, and the share of trials
+accuracy (the winner's, tuning.results.ranking.rank), that final best, and the share of trials
 meeting the challenge. Writes <out>/runs.csv, <out>/summary.csv, <out>/summary.md (medians over
 seeds, with the machine and the command) and <out>/compare.png (best test accuracy so far against
 trial-epochs and against wall time, the median over seeds per strategy).

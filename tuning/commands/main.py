@@ -66,10 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(importlib.import_module(module), function or "main")(argv[1:], prog=prog)
 
     try:
-        if name == "search" and from_command_line:  # the search runs in a watched child process
-            from tuning import supervisor
+        if name == "search" and from_command_line:
+            from tuning.commands.search import supervised_main
 
-            return supervisor.command(run, prog)
+            return supervised_main(argv[1:], prog)
         return run()
     except BrokenPipeError:  # `hptune show ... | head`: the reader left; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

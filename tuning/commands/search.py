@@ -281,3 +281,11 @@ def search(settings: SearchSettings, base: Callable[[], TrainConfig], space: str
     except (*driver.INPUT_ERRORS, driver.InputError) as exc:
         return fail(prog, str(exc))
     return outcome.status
+
+
+def supervised_main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """main, run from a shell: the search runs in a child process this one watches
+    (tuning/supervisor.py), so that a killed search leaves no Ray behind and its folder unlocked."""
+    from tuning import supervisor
+
+    return supervisor.command(lambda: main(argv, prog), prog)

@@ -63,7 +63,7 @@ def read_tables(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def top_trials(trials_df: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The k best rows by their `rank` (tuning.results.experiment.rank), best first."""
+    """The k best rows by their `rank` (tuning.results.ranking.rank), best first."""
     return trials_df[trials_df["rank"].notna()].sort_values("rank").head(k)
 
 
@@ -362,7 +362,7 @@ def _cell(value: Any) -> str:
 
 def trials_table_html(trials_df: pd.DataFrame, mode: str) -> str:
     """The sortable trials table, best objective first; the baseline and the best trial highlighted."""
-    shown = trials_df.sort_values(["rank", "number"], na_position="last")  # the ranking: tuning.results.experiment.rank
+    shown = trials_df.sort_values(["rank", "number"], na_position="last")  # the ranking: tuning.results.ranking.rank
     columns = [c for c in TABLE_FIRST if c in shown]
     columns += [c for c in shown if c not in TABLE_FIRST and c not in TABLE_HIDDEN]
     best = top_trials(trials_df, 1)["trial"].tolist()

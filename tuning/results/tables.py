@@ -29,7 +29,7 @@ FINAL = (
 
 def trials_table(all_trials: Sequence[TrialRecord], mode: str = "max", running: bool = False) -> pd.DataFrame:
     """One row per trial: its hyperparameters, status, epochs run, final and best metrics, and
-    its `rank` (1 = the winner, by tuning.results.experiment.rank; empty for trials without a result).
+    its `rank` (1 = the winner, by tuning.results.ranking.rank; empty for trials without a result).
 
     `running`: the search is still going, so a trial that has not ended is "running", not
     "interrupted".
