@@ -1,9 +1,11 @@
 """Ray's own Tuner.restore after the driver is killed (SIGKILL), with an SQLite-backed OptunaSearch.
 
 This is why the search keeps its own journal and resumes from it (tuning/journal.py) instead of
-calling Tuner.restore. The test reproduces Ray's failure and is marked as expected to fail
-(strictly): the day a Ray release survives it, the suite says so (XPASS fails the run), and the
-journal can be reconsidered. Ray 2.60 is pinned in pyproject.toml for this and for the Ray
+calling Tuner.restore. The test reproduces Ray's failure and is marked as expected to fail. Not
+strictly: whether Ray 2.60 fails depends on when Tune last saved its experiment state before the
+kill, and on a loaded 2-core machine it once saved after the trials ended and the restore passed
+(2026-12-07), so a pass is reported (XPASS) without failing the run. The journal stays until a
+Ray release passes it every time. Ray 2.60 is pinned in pyproject.toml for this and for the Ray
 internals the search relies on (Trial.error_file, TUNE_* variables).
 """
 
@@ -85,8 +87,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="Ray 2.60: the restored run reports a trial the SQLite study already has as "
-                                       "finished again, and stops on optuna's UpdateFinishedTrialError (a TuneError)")
+@pytest.mark.xfail(strict=False, reason="Ray 2.60: the restored run reports a trial the SQLite study already has as "
+                                        "finished again, and stops on optuna's UpdateFinishedTrialError (a TuneError), "
+                                        "unless Tune's own periodic save happened to land after the trials ended")
 def test_ray_tuner_restore_after_sigkill_finishes_every_trial_once(tmp_path):
     (tmp_path / "markers").mkdir()
     (tmp_path / "storage").mkdir()

@@ -103,8 +103,9 @@ def read_back_wandb(folder: Path) -> dict:
     for f in files:  # in the order written
         run = runs.setdefault(f.id, {"names": set(), "groups": set(), "config": {}, "steps": [], "summary": {},
                                      "exit": None, "project": f.project})
-        run["names"].add(f.name)
-        run["groups"].add(f.group)
+        if f.start_time:  # the file holds its run record: a process killed before wandb wrote it may not
+            run["names"].add(f.name)
+            run["groups"].add(f.group)
         run["config"].update(f.config)
         run["steps"] += [h for h in f.history if "test_accuracy" in h]
         run["summary"].update(f.summary)

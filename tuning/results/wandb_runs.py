@@ -129,6 +129,8 @@ class WandbRuns:
 
             self.held = {}
             for run in offline_runs(self.folder / WANDB_DIR):  # in the order written
+                if not run.start_time:  # no run record: a process killed mid-write; nothing wandb sync can send
+                    continue
                 state = self.held.setdefault(run.id, {"epochs": 0, "summary": {}, "exit": None})
                 steps = [h["_step"] for h in run.history if "_step" in h]
                 state["epochs"] = max([state["epochs"], *steps])
