@@ -294,10 +294,11 @@ class MlflowTracker(Listener):
         self.down = False
 
     def trial_started(self, start: TrialStart) -> None:
-        self._push()
+        if not self.down:  # while it is down, only trials' ends try again
+            self._push()
 
     def epoch(self, trial: str, metrics: dict[str, Any]) -> None:
-        if not self.down:  # while it is down, only trials' ends try again
+        if not self.down:
             self._push()
 
     def trial_ended(self, trial: str, experiment: Experiment) -> None:
