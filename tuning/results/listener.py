@@ -14,6 +14,7 @@ way a journal write that fails does: a search that ran on would train what it ca
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +47,47 @@ class Listener:
 
     def close(self) -> None:
         """The search ended or was interrupted."""
+
+
+class Tracker(Listener):
+    """A listener that pushes the journal's state to an experiment tracker (mlflow_runs.py,
+    wandb_runs.py) as epochs and trials end. A tracker that fails is one warning and the search
+    goes on; while it is down only trials' ends try again, and the first push that succeeds, or
+    `hptune export FOLDER FLAG TARGET`, brings it up to the journal."""
+
+    name = ""  # "MLflow", "W&B"
+    flag = ""  # the flag of hptune export that completes the record
+
+    def __init__(self, experiment: Experiment, runs: Any, target: str) -> None:
+        self.experiment = experiment
+        self.runs = runs  # has push(experiment, ended=...)
+        self.target = target
+        self.down = False
+
+    def epoch(self, trial: str, metrics: dict[str, Any]) -> None:
+        if not self.down:
+            self.push()
+
+    def trial_ended(self, trial: str, experiment: Experiment) -> None:
+        self.push()
+
+    def push(self, *, ended: bool = False) -> None:
+        try:
+            self.runs.push(Experiment.load(self.experiment.folder), ended=ended)
+        except Exception as exc:  # noqa: BLE001 - a tracker never costs a trial
+            if not self.down:
+                print(f"hptune: warning: {self.name} ({self.target}) failed: {first_line(exc)}; the search goes "
+                      f"on, and `hptune export {self.experiment.folder} {self.flag} {self.target}` completes the "
+                      f"record later", file=sys.stderr, flush=True)
+            self.down = True
+            return
+        if self.down:
+            print(f"hptune: {self.name} ({self.target}) answers again; the record is complete", file=sys.stderr,
+                  flush=True)
+        self.down = False
+
+
+def first_line(exc: BaseException) -> str:
+    """What an exception says, on one line."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

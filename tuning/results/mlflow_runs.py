@@ -37,7 +37,7 @@ from trainable.config import TrainConfig
 from trainable.errors import UsageError
 from tuning.results.experiment import Experiment
 from tuning.results.journal import DONE, ERRORED, INTERRUPTED, TrialRecord
-from tuning.results.listener import Listener, TrialStart
+from tuning.results.listener import Tracker, TrialStart, first_line
 from tuning.results.tables import params_of, trials_table
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default store since 3.7, in the working directory
@@ -89,11 +89,6 @@ def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def experiment_name() -> str:
@@ -283,41 +278,17 @@ def _quoted(text: str) -> str:
     return text.replace("'", "\\'")
 
 
-class MlflowTracker(Listener):
-    """The search's listener for --mlflow: pushes the journal's state as epochs and trials end.
-    A store that fails is one warning; the search goes on, and the next push (the next trial's
-    end, the search's end, or `hptune export --mlflow`) catches up."""
+class MlflowTracker(Tracker):
+    """The search's listener for --mlflow (listener.Tracker): a trial's run appears as it starts."""
+
+    name, flag = "MLflow", "--mlflow"
 
     def __init__(self, experiment: Experiment, uri: str) -> None:
-        self.experiment = experiment
-        self.runs = MlflowRuns(uri)
-        self.down = False
+        super().__init__(experiment, MlflowRuns(uri), uri)
 
     def trial_started(self, start: TrialStart) -> None:
-        if not self.down:  # while it is down, only trials' ends try again
-            self._push()
-
-    def epoch(self, trial: str, metrics: dict[str, Any]) -> None:
         if not self.down:
-            self._push()
-
-    def trial_ended(self, trial: str, experiment: Experiment) -> None:
-        self._push()
+            self.push()
 
     def close(self) -> None:
-        self._push(ended=True)
-
-    def _push(self, *, ended: bool = False) -> None:
-        try:
-            self.runs.push(Experiment.load(self.experiment.folder), ended=ended)
-        except Exception as exc:  # noqa: BLE001 - a tracker never costs a trial
-            if not self.down:
-                print(f"hptune: warning: MLflow ({self.runs.uri}) failed: {first_line(exc)}; the search goes "
-                      f"on, and `hptune export {self.experiment.folder} --mlflow {self.runs.uri}` completes the "
-                      f"record later", file=sys.stderr, flush=True)
-            self.down = True
-            return
-        if self.down:
-            print(f"hptune: MLflow ({self.runs.uri}) answers again; the record is complete", file=sys.stderr,
-                  flush=True)
-        self.down = False
+        self.push(ended=True)

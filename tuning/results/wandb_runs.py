@@ -31,7 +31,7 @@ from typing import Any
 from trainable.errors import UsageError
 from tuning.results.experiment import Experiment
 from tuning.results.journal import DONE, ERRORED, INTERRUPTED, TrialRecord
-from tuning.results.listener import Listener, TrialStart
+from tuning.results.listener import Tracker
 from tuning.results.tables import params_of, trials_table
 
 WANDB_DIR = "wandb"  # under the experiment's folder: wandb writes its runs in <folder>/wandb/
@@ -198,38 +198,15 @@ def _quiet() -> Any:
         yield
 
 
-class WandbTracker(Listener):
-    """The search's listener for --wandb. W&B that fails is one warning; the search goes on, and
-    `hptune export --wandb` catches up."""
+class WandbTracker(Tracker):
+    """The search's listener for --wandb (listener.Tracker): a trial's run opens with its first
+    settled epoch."""
+
+    name, flag = "W&B", "--wandb"
 
     def __init__(self, experiment: Experiment, project: str) -> None:
-        self.experiment = experiment
-        self.runs = WandbRuns(experiment.folder, project)
-        self.down = False
-
-    def trial_started(self, start: TrialStart) -> None:
-        pass  # a run opens with its first settled epoch
-
-    def epoch(self, trial: str, metrics: dict[str, Any]) -> None:
-        if not self.down:
-            self._push()
-
-    def trial_ended(self, trial: str, experiment: Experiment) -> None:
-        self._push()
+        super().__init__(experiment, WandbRuns(experiment.folder, project), project)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # the search's last push comes after, from the files
             self.runs.close()
-
-    def _push(self) -> None:
-        try:
-            self.runs.push(Experiment.load(self.experiment.folder))
-        except Exception as exc:  # noqa: BLE001 - a tracker never costs a trial
-            if not self.down:
-                text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                print(f"hptune: warning: W&B ({self.runs.project}) failed: {text}; the search goes on, and "
-                      f"`hptune export {self.experiment.folder} --wandb {self.runs.project}` completes the record "
-                      f"later", file=sys.stderr, flush=True)
-            self.down = True
-            return
-        self.down = False
