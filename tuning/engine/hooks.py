@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +33,22 @@ class Hooks:
         fault, hold = os.environ.get(FAULT_ENV) or None, os.environ.get(HOLD_ENV) or None
         return cls(fault, hold) if fault or hold else None
 
-    def before_report(self, epoch: int, config: Any, trial_id: str) -> None:
-        """After training epoch `epoch`, before it is reported: the injected fault, if due."""
-        if self.fault:
-            _inject_fault(self.fault, epoch, config, trial_id)
+    def around(self, report: Callable[..., bool], config: Any, trial_id: str) -> Callable[..., bool]:
+        """`report` (one epoch's report to Tune, given the epoch's metrics first) with the hooks
+        around it: the injected fault before the report, if due, and the hold after it (the epoch
+        reported and checkpointed), if due. Wrapped once per trial; the trial's loop knows nothing
+        of it."""
 
-    def after_report(self, epoch: int) -> None:
-        """After epoch `epoch` was reported (and checkpointed): the hold, if due."""
-        if self.hold:
-            _hold(self.hold, epoch)
+        def hooked(metrics: dict[str, Any], *args: Any) -> bool:
+            epoch = metrics["epoch"]
+            if self.fault:
+                _inject_fault(self.fault, epoch, config, trial_id)
+            stops = report(metrics, *args)
+            if self.hold:
+                _hold(self.hold, epoch)
+            return stops
+
+        return hooked
 
 
 def _inject_fault(spec: str, epoch: int, config: Any, trial_id: str) -> None:

@@ -78,8 +78,6 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
     def report(metrics: dict[str, Any], history: list[dict[str, Any]], data_device: str,
                save: Any) -> bool:
         """Report one epoch to Tune with its checkpoint; True if the trial stops here (stalled)."""
-        if setup.hooks is not None:
-            setup.hooks.before_report(metrics["epoch"], config, tune.get_context().get_trial_id())
         metrics["objective"] = objective_value(metrics, setup.objective)
         metrics["objective_se"] = objective_se(metrics, setup.objective)  # its noise (tuning/noise.py)
         metrics["progress"] = metrics["epoch"] / config.epochs  # ASHA's rungs by share of the schedule
@@ -91,9 +89,10 @@ def train_trial(params: dict[str, Any], *, data: Data, setup: TrialSetup) -> Non
         with tempfile.TemporaryDirectory() as folder:
             torch.save(save(), os.path.join(folder, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        if setup.hooks is not None:
-            setup.hooks.after_report(metrics["epoch"])
         return bool(metrics["stalled"])
+
+    if setup.hooks is not None:  # the test suite's fault or hold, around every report of this trial
+        report = setup.hooks.around(report, config, tune.get_context().get_trial_id())
 
     if config.loop is not None or setup.code.loop is not None:
         loop = setup.code.loop or loop_of(config.loop)  # type: ignore[arg-type]
