@@ -37,7 +37,10 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_WHERE[name]), name)
     if name == "__version__":
-        from tuning.commands.main import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return version()
+        try:
+            return version("hptune")
+        except PackageNotFoundError:
+            return "unknown (not installed)"
     raise AttributeError(f"module 'hptune' has no attribute {name!r}")

@@ -19,6 +19,8 @@ from trainable.data import make_synthetic
 from trainable.fit import METRICS, Trainer
 from trainable.models import mlp
 
+HPTUNE = [sys.executable, "-m", "tuning.commands.main"]  # the hptune command, by this interpreter
+
 DATA = make_synthetic(n_train=512, n_test=256)
 RTOL = 1e-4  # a CPU matches closer (SGD: the same weights bit for bit); a GPU's batched GEMMs may round otherwise
 TIMING = ("epoch_seconds", "samples_per_second")  # wall times: not comparable between runs
@@ -282,7 +284,7 @@ def test_float_inputs_are_used_as_they_are():
 
 def test_the_bench_prints_separate_and_array_rows_and_their_ratio():
     # fp32: the fused bf16 step's first build (25 s and more) is not what this checks; timings are not asserted
-    run = subprocess.run([sys.executable, "-m", "trainable.arrays_bench", "--data", "synthetic", "--k", "2",
+    run = subprocess.run([*HPTUNE, "bench-arrays", "--data", "synthetic", "--k", "2",
                           "--epochs", "1", "--warmup", "0", "--threads", "1", "--precision", "fp32"],
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
@@ -296,6 +298,6 @@ def test_the_bench_prints_separate_and_array_rows_and_their_ratio():
 
 
 def test_the_bench_refuses_bad_input_in_one_line():
-    run = subprocess.run([sys.executable, "-m", "trainable.arrays_bench", "--k", "0"], capture_output=True, text=True,
+    run = subprocess.run([*HPTUNE, "bench-arrays", "--k", "0"], capture_output=True, text=True,
                          timeout=120, check=False)
     assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

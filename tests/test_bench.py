@@ -1,4 +1,4 @@
-"""python -m trainable.bench as a user runs it: the ratio against the tutorial and the floor's share."""
+"""hptune bench as a user runs it: the ratio against the tutorial and the floor's share."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+HPTUNE = [sys.executable, "-m", "tuning.commands.main"]  # the hptune command, by this interpreter
+
 
 def test_bench_prints_the_ratio_and_the_share_of_the_machines_floor():
     # Timings are not asserted (machines differ); what is printed, and that it adds up, is.
-    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--repeats", "1"],
+    run = subprocess.run([*HPTUNE, "bench", "--data", "synthetic", "--repeats", "1"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     out = run.stdout
@@ -29,7 +31,7 @@ def test_bench_prints_the_ratio_and_the_share_of_the_machines_floor():
 
 def test_bench_times_a_users_model_against_its_usual_dataloader_pipeline():
     repo = __import__("pathlib").Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--model", "examples/tabular.py:model",
+    run = subprocess.run([*HPTUNE, "bench", "--model", "examples/tabular.py:model",
                           "--data", "examples/tabular.py:data", "--model-arg", "depth=1", "--batch-size", "512",
                           "--repeats", "1"], capture_output=True, text=True, timeout=600, cwd=repo)
     assert run.returncode == 0, run.stderr
@@ -42,7 +44,7 @@ def test_bench_times_a_users_model_against_its_usual_dataloader_pipeline():
 
 
 def test_bench_refuses_bad_input_in_one_line():
-    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--repeats", "0"],
+    run = subprocess.run([*HPTUNE, "bench", "--data", "synthetic", "--repeats", "0"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
@@ -51,15 +53,15 @@ def test_bench_refuses_bad_input_in_one_line():
 def test_bench_on_a_device_this_machine_lacks_is_one_line_and_exit_2():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: tests/test_gpu.py runs the bench there")
-    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--device", "cuda"],
+    run = subprocess.run([*HPTUNE, "bench", "--data", "synthetic", "--device", "cuda"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr.strip() == ("python -m trainable.bench: error: --device cuda: "
+    assert run.stderr.strip() == ("hptune bench: error: --device cuda: "
                                   "CUDA is not available on this machine")
 
 
 def test_first_epochs_compares_fresh_processes_with_and_without_the_malloc_setting():
-    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--repeats", "1",
+    run = subprocess.run([*HPTUNE, "bench", "--data", "synthetic", "--repeats", "1",
                           "--first-epochs"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     rows = re.findall(r"^  (.+?)\s+epoch 1\s+([\d.]+) s\s+epoch 2\s+([\d.]+) s$", run.stdout, flags=re.M)

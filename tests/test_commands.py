@@ -93,12 +93,10 @@ def test_show_of_a_folder_that_is_not_an_experiment_is_one_line_exit_2(tmp_path,
 # --- the layout's rules ---------------------------------------------------------------------------
 
 
-def imports_of(path: Path, entry_point: bool = True) -> set[str]:
-    """The modules `path` imports, those inside functions included; `entry_point=False` leaves out
-    its `if __name__ == "__main__":` block (a library module's `python -m` door to its command)."""
-    tree = ast.parse(path.read_text())
+def imports_of(path: Path) -> set[str]:
+    """The modules `path` imports, those inside functions and `if __name__ == "__main__":` included."""
     names = set()
-    for node in ast.walk(without_main_block(tree) if not entry_point else tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -106,23 +104,40 @@ def imports_of(path: Path, entry_point: bool = True) -> set[str]:
     return names
 
 
-def without_main_block(tree: ast.Module) -> ast.Module:
-    def is_main_block(node: ast.stmt) -> bool:
-        test = node.test if isinstance(node, ast.If) else None
-        return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
-                and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
-
-    return ast.Module(body=[node for node in tree.body if not is_main_block(node)], type_ignores=[])
-
-
 def test_trainable_imports_neither_ray_nor_tuning():
-    """trainable/ is the library of one configuration; its only doors to the commands in
-    tuning/commands/ are `python -m trainable` (__main__.py) and `python -m trainable.NAME`."""
+    """trainable/ is the library of one configuration; its one door to the commands in
+    tuning/commands/ is `python -m trainable` (__main__.py)."""
     for path in (REPO / "trainable").glob("*.py"):
         if path.name == "__main__.py":
             continue
-        bad = {m for m in imports_of(path, entry_point=False) if m.split(".")[0] in ("ray", "tuning")}
+        bad = {m for m in imports_of(path) if m.split(".")[0] in ("ray", "tuning")}
         assert not bad, f"{path.name} imports {bad}"
+
+
+def test_nothing_outside_the_commands_imports_a_command():
+    """The commands sit on top: only the two delegating entry points (python -m trainable and
+    python tuning/search.py) and hptune's own modules import from tuning/commands/."""
+    doors = {REPO / "trainable" / "__main__.py", REPO / "tuning" / "search.py"}
+    commands = REPO / "tuning" / "commands"
+    found = {}
+    for folder in ("trainable", "tuning", "hptune"):
+        for path in (REPO / folder).rglob("*.py"):
+            if commands in path.parents or path in doors:
+                continue
+            bad = {m for m in imports_of(path) if m.startswith("tuning.commands")}
+            if bad:
+                found[str(path.relative_to(REPO))] = bad
+    assert not found, f"imports of a command module outside tuning/commands/: {found}"
+
+
+@pytest.mark.parametrize(("old", "new"), [("trainable.bench", "hptune bench"),
+                                          ("trainable.arrays_bench", "hptune bench-arrays"),
+                                          ("trainable.explain", "hptune explain")])
+def test_a_retired_entry_point_names_its_command(old, new):
+    run = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"python -m {old}: this is now `{new}` (same flags; {new} --help)\n"
 
 
 PARSER_CALLS = {"ArgumentParser", "OneLineParser", "add_argument", "add_argument_group",

@@ -1,4 +1,4 @@
-"""python -m trainable.explain: the tutorial's run is fp32, as in the tutorial, unless --precision says otherwise."""
+"""hptune explain: the tutorial's run is fp32, as in the tutorial, unless --precision says otherwise."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ from trainable.hardware import autocast_dtype
 from tuning.results.journal import Journal
 from tuning.search import main as search
 
+HPTUNE = [sys.executable, "-m", "tuning.commands.main"]  # the hptune command, by this interpreter
+
 pytestmark = pytest.mark.gpu
 
 
@@ -49,7 +51,7 @@ def test_precision_auto_picks_bf16_only_where_the_gpu_has_it_natively():
 
 @pytest.mark.slow
 def test_bench_on_the_gpu_times_both_pipelines_there_and_names_the_gpu():
-    run = subprocess.run([sys.executable, "-m", "trainable.bench", "--data", "synthetic", "--repeats", "1",
+    run = subprocess.run([*HPTUNE, "bench", "--data", "synthetic", "--repeats", "1",
                           "--device", "cuda"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     major, minor = torch.cuda.get_device_capability()

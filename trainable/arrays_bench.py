@@ -1,4 +1,4 @@
-"""python -m trainable.arrays_bench: K trials trained one after another, against one trial array.
+"""hptune bench-arrays: K trials trained one after another, against one trial array.
 
 For each K (`--k`, default 4 16 64) the same K configurations (the default search space's kind:
 SGD and Nesterov, cosine schedule, learning rates and momenta spread over the space, batch 128,
@@ -11,17 +11,17 @@ seed 42 as every trial of a search has) train:
 Both run `--epochs` timed epochs per trial after `--warmup` untimed ones (one Trainer's for the
 separate runs, the array's own for the array), and report trial-epochs per second (K x epochs /
 seconds), the ratio array / separate, and the share of the GEMM floor: the K trial-epochs'
-matrix multiplies alone, one model's epoch of GEMMs as `trainable.bench` times it (forward,
+matrix multiplies alone, one model's epoch of GEMMs as `hptune bench` times it (forward,
 weight and input gradients, the test pass; back to back, outputs preallocated) times K. On a GPU
 one model's small GEMMs are bound by kernel launches, so there the floor is a launch-bound one
 and an array can exceed it: that is what arrays are for.
 
-    python -m trainable.arrays_bench                        # synthetic data, K = 4, 16, 64
-    python -m trainable.arrays_bench --data data/cifar10-jpeg --k 4 16 --device cuda
+    hptune bench-arrays                        # synthetic data, K = 4, 16, 64
+    hptune bench-arrays --data data/cifar10-jpeg --k 4 16 --device cuda
 
 Measured on this project's 2-core Intel Xeon (`lscpu`: "Intel(R) Xeon(R) Processor", model
 207, KVM, AVX512-BF16 and AMX), torch 2.14.1, shared with other work (load ~2.5), with
-`python -m trainable.arrays_bench --k 4 16 --epochs 2 --threads 1 --repeats 3` (synthetic data,
+`hptune bench-arrays --k 4 16 --epochs 2 --threads 1 --repeats 3` (synthetic data,
 2,048 train + 512 test images, batch 128), trial-epochs per second:
 
 | precision | K | separate | array | array / separate | share of the GEMM floor (separate / array) |
@@ -49,6 +49,7 @@ import torch
 from trainable.bench import epoch_flops, synchronize, time_floor
 from trainable.config import TrainConfig
 from trainable.data import Dataset
+from trainable.errors import moved_to
 from trainable.fit import Trainer
 from trainable.hardware import autocast_dtype, precision_label
 
@@ -106,7 +107,7 @@ def time_array(configs: Sequence[TrainConfig], data: Dataset, device: torch.devi
 
 def floor_seconds(data: Dataset, batch_size: int, dtype: torch.dtype, device: torch.device,
                   repeats: int = 5) -> float:
-    """One model's epoch of GEMMs alone (trainable.bench's floor): the fastest of `repeats` after
+    """One model's epoch of GEMMs alone (hptune bench's floor): the fastest of `repeats` after
     a warm-up, as a floor is what the machine can do (on a shared box the median wanders 2x)."""
     run = time_floor(data, batch_size, dtype, device=device)
     run()
@@ -143,7 +144,5 @@ def compare(data: Dataset, device: torch.device, ks: Sequence[int], batch_size: 
           f"{flops / floor / 1e9:.0f} GFLOP/s)")
 
 
-if __name__ == "__main__":  # python -m trainable.arrays_bench: the command is tuning/commands/bench.py
-    from tuning.commands.bench import arrays_main
-
-    sys.exit(arrays_main())
+if __name__ == "__main__":  # the command is `hptune bench-arrays`, in tuning/commands/
+    sys.exit(moved_to("python -m trainable.arrays_bench", "hptune bench-arrays"))

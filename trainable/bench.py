@@ -1,4 +1,4 @@
-"""python -m trainable.bench: our epoch against the tutorial's, and against this machine's floor.
+"""hptune bench: our epoch against the tutorial's, and against this machine's floor.
 
 The baseline is the tutorial's own pipeline: a torchvision-style data set that turns each uint8
 image into a PIL image and then a float tensor with `ToTensor`, batched by a `DataLoader` (batch
@@ -13,10 +13,10 @@ the test split's forward passes), timed back to back with preallocated outputs, 
 threads. An epoch's share of the floor says how close to the machine's limit it runs; the rest
 is everything else (the optimizer's updates, gathering batches, the loss, Python).
 
-    python -m trainable.bench --data data/cifar10-jpeg --repeats 3
-    python -m trainable.bench --data data/cifar10-jpeg --precision-check   # bf16 vs fp32 accuracy
-    python -m trainable.bench --data data/cifar10-jpeg --first-epochs      # malloc kept vs not
-    python -m trainable.bench --data data/cifar10-jpeg --device cuda       # both pipelines on a GPU
+    hptune bench --data data/cifar10-jpeg --repeats 3
+    hptune bench --data data/cifar10-jpeg --precision-check   # bf16 vs fp32 accuracy
+    hptune bench --data data/cifar10-jpeg --first-epochs      # malloc kept vs not
+    hptune bench --data data/cifar10-jpeg --device cuda       # both pipelines on a GPU
 
 `--device` (default auto: cuda -> mps -> cpu, as `python -m trainable`) runs both pipelines and the
 floor's GEMMs there; the tutorial's loops then move each batch to the device, as its quickstart
@@ -46,6 +46,7 @@ from torch import nn
 
 from trainable.config import TrainConfig
 from trainable.data import Dataset
+from trainable.errors import moved_to
 from trainable.fit import Trainer, fit
 from trainable.hardware import (
     KEEP_FREED_MEMORY_ENV,
@@ -376,7 +377,5 @@ def print_speed(medians: dict[str, float], data: Dataset, batch_size: int, repea
           f"ours fp32 {100 * floors['fp32'] / fp32:.0f}% of the fp32 floor")
 
 
-if __name__ == "__main__":  # python -m trainable.bench: the command is tuning/commands/bench.py
-    from tuning.commands.bench import PROG_EPOCH, epoch_main
-
-    sys.exit(epoch_main(prog=PROG_EPOCH))
+if __name__ == "__main__":  # the command is `hptune bench`, in tuning/commands/
+    sys.exit(moved_to("python -m trainable.bench", "hptune bench"))

@@ -1,4 +1,4 @@
-"""python -m trainable.explain: why the tutorial saw its test loss below its train loss.
+"""hptune explain: why the tutorial saw its test loss below its train loss.
 
 Trains the tutorial's configuration exactly as the tutorial does (one fixed order, batch 64, SGD
 lr 1e-3, seed 42, fp32 unless --precision says otherwise) and prints, per epoch, four numbers the tutorial conflates:
@@ -12,7 +12,7 @@ lr 1e-3, seed 42, fp32 unless --precision says otherwise) and prints, per epoch,
 With --config (e.g. a search's best_config.yaml) the same table follows for that configuration,
 trained as `python -m trainable` trains it.
 
-    python -m trainable.explain --data data/cifar10-jpeg --config results/example/best_config.yaml
+    hptune explain --data data/cifar10-jpeg --config results/example/best_config.yaml
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from trainable.config import TrainConfig
 from trainable.data import Dataset
+from trainable.errors import moved_to
 from trainable.fit import Trainer
 from trainable.hardware import precision_of
 from trainable.loops import autocast, evaluate, to_unit
@@ -104,7 +105,5 @@ def _precision(config: TrainConfig) -> str:
     return precision_of(config.precision, "cpu")
 
 
-if __name__ == "__main__":  # python -m trainable.explain: the command is tuning/commands/explain.py
-    from tuning.commands.explain import main
-
-    sys.exit(main())
+if __name__ == "__main__":  # the command is `hptune explain`, in tuning/commands/
+    sys.exit(moved_to("python -m trainable.explain", "hptune explain"))

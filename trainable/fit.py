@@ -54,7 +54,7 @@ METRICS = (
 def make_optimizer(config: TrainConfig, params: Any, device: torch.device | None = None) -> torch.optim.Optimizer:
     """SGD, Nesterov, Adam or AdamW as `config` says, with torch's fused kernels on the CPU and CUDA:
     one pass over each parameter per step instead of one per operation. At batch 64 the update
-    costs as much as the matrix multiplies, so this is 1.2-1.7x per step (`trainable.bench`)."""
+    costs as much as the matrix multiplies, so this is 1.2-1.7x per step (`hptune bench`)."""
     kernels = {"fused": True} if device is None or device.type in ("cpu", "cuda") else {"foreach": True}
     if config.optimizer in ("sgd", "nesterov"):
         return torch.optim.SGD(

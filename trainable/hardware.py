@@ -131,7 +131,7 @@ def keep_freed_memory() -> bool:
     bf16 copies of the weights, activations). glibc serves blocks that large with a fresh `mmap`
     and unmaps them on free until its adaptive threshold catches up, which with CIFAR-10 loaded
     took a whole epoch: about 3,000 page faults a step at batch 64 in bf16 (450 in fp32), and a
-    first epoch 1.8x slower (`python -m trainable.bench --first-epochs`). With the thresholds
+    first epoch 1.8x slower (`hptune bench --first-epochs`). With the thresholds
     raised, freed memory stays in the process and the next step reuses it. Process-wide; returns
     False where it cannot be set (not glibc), or when $HPTUNE_KEEP_FREED_MEMORY is 0. Numerics are
     untouched.

@@ -1,6 +1,6 @@
-"""The benches: hptune bench (also `python -m trainable.bench`), hptune bench-search and
-`python -m trainable.arrays_bench`; what they time is trainable/bench.py, trainable/arrays_bench.py
-and a real search. Below, bench-search: does a search spend its time training?
+"""The benches: hptune bench, hptune bench-search and hptune bench-arrays; what they time is
+trainable/bench.py, trainable/arrays_bench.py and a real search. Below, bench-search: does a
+search spend its time training?
 
 Runs a small but real search (a local Ray started by the search itself, the data loaded once,
 checkpoints every epoch, the journal and CSV files kept current) and compares the time trials
@@ -51,8 +51,8 @@ from tuning.commands.common import (
 from tuning.results.journal import Journal, trials
 
 PROG = "hptune bench-search"
-PROG_EPOCH = "python -m trainable.bench"
-PROG_ARRAYS = "python -m trainable.arrays_bench"
+PROG_EPOCH = "hptune bench"
+PROG_ARRAYS = "hptune bench-arrays"
 
 
 # --- hptune bench: one epoch, ours against the tutorial's and the machine's floor -----------------
@@ -121,24 +121,26 @@ def open_bench(args: argparse.Namespace, default_data: str, prog: str) -> tuple[
     return device, data
 
 
-# --- python -m trainable.arrays_bench: K trials one after another against one trial array ---------
+# --- hptune bench-arrays: K trials one after another against one trial array ---------
 
 
 def arrays_parser(prog: str = PROG_ARRAYS) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Trial-epochs per second: K trials one after another against one "
                                              "trial array of K.")
     add_data_args(p)
-    p.add_argument("--k", type=positive_int, nargs="+", default=[4, 16, 64], help="array sizes (default 4 16 64)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--epochs", type=positive_int, default=1, help="timed epochs per trial (default 1)")
-    p.add_argument("--warmup", type=non_negative_int, default=1, help="untimed epochs first (default 1)")
-    p.add_argument("--repeats", type=positive_int, default=1,
+    p.add_argument("--k", type=positive_int, nargs="+", default=[4, 16, 64], metavar="K",
+                   help="array sizes (default 4 16 64)")
+    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="images per step (default 128)")
+    p.add_argument("--epochs", type=positive_int, default=1, metavar="N", help="timed epochs per trial (default 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, metavar="N", help="untimed epochs first (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=1, metavar="N",
                    help="times to run each (separate, array) pair, interleaved; medians are reported (default 1)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the trials' precision (default auto)")
     p.add_argument("--distinct-seeds", action="store_true",
                    help="members seeded 42, 43, ... (each its own data order) instead of all 42 as in a search")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1")
     return p
 
 

@@ -1,4 +1,4 @@
-"""hptune explain (also `python -m trainable.explain`): why the tutorial saw its test loss below its
+"""hptune explain: why the tutorial saw its test loss below its
 train loss; the measuring is trainable/explain.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from trainable.data import DataError, load_dataset
 from trainable.explain import explain
 from tuning.commands.common import OneLineParser, add_data_args, fail
 
-PROG = "python -m trainable.explain"
+PROG = "hptune explain"
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:

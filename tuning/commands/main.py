@@ -20,19 +20,10 @@ COMMANDS = {
     "compare": ("tuning.commands.compare", "search strategies side by side on the same data and budget"),
     "bench": ("tuning.commands.bench:epoch_main", "an epoch against the tutorial's and against this machine's floor"),
     "bench-search": ("tuning.commands.bench:search_main", "how much of a search's time goes to training"),
+    "bench-arrays": ("tuning.commands.bench:arrays_main", "K trials one after another against one trial array of K"),
     "explain": ("tuning.commands.explain", "why the tutorial saw its test loss below its train loss"),
     "loadtest": ("tuning.commands.loadtest", "many tiny trials: all accounted for, driver memory flat"),
 }
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("hptune")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def usage() -> str:
@@ -52,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if argv else USAGE_ERROR
     if argv[0] == "--version":
-        print(f"hptune {version()}")
+        import hptune  # imports neither torch nor Ray
+
+        print(f"hptune {hptune.__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:
