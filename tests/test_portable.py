@@ -132,3 +132,14 @@ def test_the_committed_example_names_its_data_as_typed():
     assert (best.data, best.data_root) == ("data/cifar10-jpeg", "data")
     assert "# Re-train without Ray: python -m trainable --config results/example/best_config.yaml\n" in (
         EXAMPLE / "best_config.yaml").read_text()
+
+
+def test_the_committed_example_re_exports_to_the_same_bytes(tmp_path, monkeypatch, cli):
+    """What export writes from the journal is what the search wrote: the committed files come back
+    byte for byte (the refactors of the readers and writers keep their output)."""
+    written = ("trials.csv", "epochs.csv", "best_config.yaml")
+    copy = tmp_path / "results" / "example"
+    shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("ray", "report", *written))
+    monkeypatch.chdir(tmp_path)
+    assert cli(export_main, ["results/example"])[0] == 0
+    assert [name for name in written if (copy / name).read_bytes() != (EXAMPLE / name).read_bytes()] == []
