@@ -40,6 +40,11 @@ PROBE_SECONDS = 3.0  # a head node that does not accept a TCP connection in this
 JOIN_SECONDS = 20.0
 # ray.init after a good handshake: uploads the code shipped to the nodes, then connects this driver
 INIT_SECONDS = 180.0
+# A private local Ray's GCS never comes back once it died (killed for memory, a signal to the whole
+# job): Ray's processes and this driver end this long after losing it, instead of Ray's 60 s, and the
+# command's watching process then says so and saves the search. A job-wide SIGTERM is saved in a few
+# seconds, well within it. $RAY_gcs_rpc_server_reconnect_timeout_s, if set, is Ray's own and wins.
+GCS_LOST_ENV, GCS_LOST_SECONDS = "RAY_gcs_rpc_server_reconnect_timeout_s", 15
 
 
 def ray_address_file() -> Path:
@@ -313,9 +318,23 @@ def start_ray(settings: SearchSettings, address: str | None = None, code: UserCo
               f"{cluster.get('GPU', 0):g} GPUs; {shipped} are shipped to them", flush=True)
     else:
         # "local": always a private Ray, never a cluster found in /tmp/ray or $RAY_ADDRESS
-        with daemons_ignoring_ctrl_c(), handlers_kept():
+        with daemons_ignoring_ctrl_c(), handlers_kept(), environment_default(GCS_LOST_ENV, str(GCS_LOST_SECONDS)):
             ray.init(address="local", num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def environment_default(name: str, value: str) -> Iterator[None]:
+    """$name = value while Ray starts its daemons, which inherit it, unless the user set it; this
+    process's environment as it was afterwards (a Python API caller's own later ray.init included)."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def daemons_ignoring_ctrl_c() -> contextlib.AbstractContextManager[None]:
