@@ -386,16 +386,14 @@ def test_a_search_whose_ray_dies_under_it_says_so_and_resumes_to_exactly_samples
             if pid not in (proc.pid, *search_process):  # Ray's processes only
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
         try:
             status = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             raise AssertionError("the search did not end when its Ray died:\n" + log.read_text()[-4000:]) from None
-        took = time.monotonic() - killed
     output = log.read_text()
     assert status == 1, output
-    # 15 s and the save, where Ray's own wait alone is 60 s: the user is told within a minute
-    assert took < 50, f"the search said so {took:.0f} s after its Ray died:\n{output[-4000:]}"
+    # Ray's core says how long it waited for the GCS before ending the driver: ours, not its own 60 s
+    assert "Failed to connect to GCS within 15 seconds" in output, output
     errors = [line for line in output.splitlines() if "error:" in line]
     assert len(errors) == 1 and "ended abruptly" in errors[0] and str(exp) in errors[0], output
     saved_as_interrupted(output, exp)
