@@ -73,6 +73,7 @@ class Journal:
         if not self.path.exists():
             return []
         records = []
+        folder = str(self.path.parent.resolve())  # once: resolving it per checkpoint record was most of a read
         with open(self.path) as fh:
             for line in fh:
                 try:
@@ -80,7 +81,7 @@ class Journal:
                 except json.JSONDecodeError:
                     continue  # the tail of a write cut short by a kill
                 if record.get("event") == "checkpoint" and record.get("path"):
-                    record["path"] = self._absolute(record["path"])
+                    record["path"] = _absolute(record["path"], folder)
                 records.append(record)
         return records
 
@@ -124,10 +125,14 @@ class Journal:
         except ValueError:  # elsewhere (--storage): as Ray gave it
             return path
 
-    def _absolute(self, path: str) -> str:
-        if "://" in path or os.path.isabs(path):
-            return path
-        return str(self.path.parent.resolve() / path)
+
+
+def _absolute(path: str, folder: str) -> str:
+    """A checkpoint's path as journalled (relative to the experiment folder where it lies inside it)
+    made whole again against `folder`, the folder the journal is read from."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.join(folder, path)
 
 
 def _idle_spans(records: list[dict[str, Any]]) -> list[tuple[float, float]]:
