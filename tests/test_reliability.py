@@ -308,11 +308,13 @@ def test_interrupted_search_resumes_to_exactly_samples_trials(cli, tmp_path, sig
         assert epochs["array_members"].max() >= 2  # trained as arrays, before and after the kill
         study = optuna.load_study(study_name="r", storage=f"sqlite:///{exp / 'optuna.db'}")
         # study, journal and trials.csv agree; a trial the kill cut short stays in the study as FAIL
-        # (release_stale_trials), its continuation is a trial of its own there
+        # (release_stale_trials), its continuation is a trial of its own there. So does one Optuna
+        # had proposed that had not started when the kill came (nothing of it in the journal): at
+        # most the 4 trials not among the 2 the hold lets finish
         ended = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                         optuna.trial.TrialState.PRUNED)]
         assert len(ended) == len(trials(Journal(exp).read())) == 6
-        assert len(study.trials) - len(ended) == len(checkpointed)
+        assert len(checkpointed) <= len(study.trials) - len(ended) <= 6 - 2
 
 
 # What a scheduler gives a job between SIGTERM and SIGKILL: Kubernetes' default
